@@ -1,0 +1,278 @@
+"""The driver: wires every actor and runs the Uni-OPD loop in one ``run()``.
+
+             admit (SPEC §2)                     per-domain teacher (SPEC §5)
+    dataset ──▶ buffer ──prompts──▶ sampler ──▶ verifier ──▶ teacher[d] ──▶ buffer
+                  │   (vLLM, behaviour       (outcome)     (prefill log-probs)   │
+                  │    log-probs, version)                                       │
+                  │◀── balance §3.2 · calibrate §4 · lag check §2 ───────────────┘
+                  └──TrainBatch──▶ learner (DeepSpeed) ──weights (gloo|nccl)──▶ samplers
+
+Data moves actor to actor as Ray object refs (sampler → verifier → teacher →
+buffer); only prompts (small) and metrics pass through this process. Every wait
+has a timeout naming its stage, every step checks that the actors are alive, and
+shutdown happens in ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from actors.metrics import MetricsWriter
+from actors.placement import Actors, resource_plan, spawn_actors
+from actors.teacher import TeacherRouter
+from buffers.dataset import load_prompts
+from buffers.records import Prompt
+from configs.schema import RunConfig, check_paths, dump_config
+
+log = logging.getLogger("uniopd")
+
+
+class StageError(RuntimeError):
+    """A stage failed or timed out; the message names it."""
+
+
+def _get(refs, stage: str, timeout: float):
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError as e:
+        raise StageError(f"{stage}: no answer within {timeout:.0f}s (run.call_timeout_s); "
+                         "an actor is hung or the cluster lacks resources") from e
+    except ray.exceptions.RayActorError as e:
+        raise StageError(f"{stage}: an actor died: {e}") from e
+
+
+def describe_plan(cfg: RunConfig) -> str:
+    lines = [f"run {cfg.run.name!r}: {cfg.run.steps} steps × {cfg.data.prompts_per_step} prompts × "
+             f"{cfg.sampler.n} responses, max_lag η={cfg.buffer.max_lag}", "actors:"]
+    total_cpu = total_gpu = 0.0
+    for role, count, cpu, gpu in resource_plan(cfg):
+        lines.append(f"  {role:<22} ×{count}  cpus={cpu:g} gpus={gpu:g}")
+        total_cpu += count * cpu
+        total_gpu += count * gpu
+    lines.append(f"  total                  cpus={total_cpu:g} gpus={total_gpu:g}")
+    lines.append("domains → teacher (verifier):")
+    for d, c in cfg.domains.items():
+        lines.append(f"  {d:<10} → {c.teacher:<18} ({c.verifier.type}) {cfg.teachers[c.teacher].path}")
+    lines.append(f"student: {cfg.student.path}")
+    o = cfg.learner.objective
+    lines.append(f"objective: {o.pg_weight:g}×reverse_kl_pg + {o.dist_weight:g}×{o.dist_kind} (top-{o.top_k}); "
+                 f"calibration: {cfg.buffer.calibration.mode}/{cfg.buffer.calibration.statistic}/"
+                 f"{cfg.buffer.calibration.direction} δ={cfg.buffer.calibration.delta}; "
+                 f"balance r={cfg.buffer.balance_ratio if cfg.buffer.balance else 'off'}")
+    lines.append(f"weight sync: {cfg.weight_sync.backend}, buckets of {cfg.weight_sync.bucket_mb:g} MB")
+    return "\n".join(lines)
+
+
+class Pipeline:
+    """Long-lived actors and the per-step body. Built once by ``run``."""
+
+    def __init__(self, cfg: RunConfig, actors: Actors) -> None:
+        self.cfg, self.a = cfg, actors
+        self.router = TeacherRouter(cfg.teacher_of_domain, actors.teachers)
+        self.timeout = cfg.run.call_timeout_s
+        self.version = 0
+
+    # -- setup ---------------------------------------------------------------------------
+    def start(self) -> None:
+        a, t = self.a, self.timeout
+        _get([h.ready.remote() for h in a.samplers + [h for hs in a.teachers.values() for h in hs] + [a.verifier]],
+             "actor start-up (samplers, teachers, verifier)", t)
+        addr, port = _get(a.learners[0].dist_address.remote(), "learner address", t)
+        n_params = _get([lr.init_engine.remote(addr, port) for lr in a.learners], "learner DeepSpeed init", t)[0]
+        log.info("learner ready: %d parameters, world size %d", n_params, len(a.learners))
+        self._join_weight_sync()
+
+    def _join_weight_sync(self) -> None:
+        a, ws = self.a, self.cfg.weight_sync
+        addr, port = _get(a.learners[0].weight_sync_address.remote(ws.master_addr), "weight sync address",
+                          self.timeout)
+        specs = _get(a.learners[0].param_specs.remote(), "weight sync plan", self.timeout)
+        world = 1 + len(a.samplers)
+        refs = [a.learners[0].join_weight_sync.remote(ws, addr, port, world)]
+        refs += [s.join_weight_sync.remote(ws, port, world, specs) if ws.master_addr == addr
+                 else s.join_weight_sync.remote(ws.model_copy(update={"master_addr": addr}), port, world, specs)
+                 for s in a.samplers]
+        _get(refs, "weight sync group set-up", ws.timeout_s + 30)
+
+    # -- one step --------------------------------------------------------------------------
+    def produce(self, prompts: list[Prompt]) -> list:
+        """Launch sampler → verifier → teacher → buffer chains; returns the buffer.add refs."""
+        a = self.a
+        by_dom: dict[str, list[Prompt]] = defaultdict(list)
+        for p in prompts:
+            by_dom[p.domain].append(p)
+        refs, i = [], 0
+        for dom, ps in sorted(by_dom.items()):
+            # spread each domain's prompts over the samplers
+            k = len(a.samplers)
+            for j in range(k):
+                part = ps[j::k]
+                if not part:
+                    continue
+                sampler = a.samplers[(i + j) % k]
+                rollouts = sampler.generate.remote(part)
+                verified = a.verifier.verify.remote(rollouts)
+                scored = self.router.pick(dom).score.remote(verified)
+                refs.append(a.buffer.add.remote(scored))
+            i += 1
+        return refs
+
+    def train_on(self, batch_ref) -> dict[str, float]:
+        a = self.a
+        per_rank = _get([lr.train_step.remote(batch_ref) for lr in a.learners], "learner train step", self.timeout)
+        m = {f"learner/{k}" if k not in ("loss", "mismatch_kl") else k: float(np.mean([r[k] for r in per_rank]))
+             for k in per_rank[0]}
+        self.version += 1
+        refs = [lr.broadcast_weights.remote(self.version) for lr in a.learners]
+        refs += [s.receive_weights.remote(self.version) for s in a.samplers]
+        res = _get(refs, "weight sync (broadcast learner → samplers)", self.cfg.weight_sync.timeout_s + 30)
+        m.update(res[0])
+        _get(a.buffer.set_version.remote(self.version), "buffer version update", self.timeout)
+        return m
+
+    def check_alive(self) -> None:
+        _get([h.ready.remote() for h in self.a.samplers] + [self.a.buffer.ready_flag.remote()],
+             "liveness check", self.timeout)
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate_student(self, prompts: list[Prompt]) -> dict[str, float]:
+        a = self.a
+        k = len(a.samplers)
+        parts = [prompts[j::k] for j in range(k)]
+        texts_parts = _get([s.generate_greedy.remote(p) for s, p in zip(a.samplers, parts) if p],
+                           "held-out evaluation (student)", self.timeout)
+        ordered = [p for part in parts if part for p in part]
+        texts = [t for part in texts_parts for t in part]
+        return self._accuracy(ordered, texts)
+
+    def evaluate_teachers(self, prompts: list[Prompt]) -> dict[str, float]:
+        by_dom: dict[str, list[Prompt]] = defaultdict(list)
+        for p in prompts:
+            by_dom[p.domain].append(p)
+        doms = sorted(by_dom)
+        outs = _get([self.router.pick(d).generate_greedy.remote(by_dom[d]) for d in doms],
+                    "held-out evaluation (teachers)", self.timeout)
+        ordered = [p for d in doms for p in by_dom[d]]
+        return self._accuracy(ordered, [t for o in outs for t in o])
+
+    def _accuracy(self, prompts: list[Prompt], texts: list[str]) -> dict[str, float]:
+        ok = _get(self.a.verifier.grade_many.remote(texts, prompts), "held-out grading", self.timeout)
+        acc: dict[str, list[bool]] = defaultdict(list)
+        for p, c in zip(prompts, ok):
+            acc[p.domain].append(c)
+        return {d: float(np.mean(v)) for d, v in sorted(acc.items())}
+
+
+def _heldout(cfg: RunConfig, verifier_of_domain: dict[str, str]) -> list[Prompt]:
+    if cfg.data.heldout is None:
+        return []
+    prompts = load_prompts(cfg.data.heldout, verifier_of_domain, cfg.data.on_bad_row).prompts
+    if cfg.data.heldout_limit:
+        count: dict[str, int] = defaultdict(int)
+        kept = []
+        for p in prompts:
+            if count[p.domain] < cfg.data.heldout_limit:
+                kept.append(p)
+                count[p.domain] += 1
+        prompts = kept
+    return prompts
+
+
+def run(cfg: RunConfig) -> dict:
+    """Validate inputs, start Ray and the actors, train ``run.steps`` steps, write the summary."""
+    check_paths(cfg)
+    verifier_of_domain = {d: c.verifier.type for d, c in cfg.domains.items()}
+    train = load_prompts(cfg.data.train, verifier_of_domain, cfg.data.on_bad_row)
+    heldout = _heldout(cfg, verifier_of_domain)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    log.info("plan:\n%s", describe_plan(cfg))
+    log.info("data: %d training prompts (%d bad rows skipped), %d held-out", len(train.prompts), train.skipped,
+             len(heldout))
+
+    started_ray = False
+    if not ray.is_initialized():
+        if cfg.run.ray_address:
+            ray.init(address=cfg.run.ray_address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True)
+            started_ray = True
+    actors: Actors | None = None
+    writer = MetricsWriter(run_dir)
+    try:
+        actors = spawn_actors(cfg, train.prompts)
+        pipe = Pipeline(cfg, actors)
+        t_setup = time.perf_counter()
+        pipe.start()
+        log.info("actors up in %.1fs", time.perf_counter() - t_setup)
+        summary: dict = {"steps": 0, "accuracy": {}}
+        if heldout:
+            summary["accuracy"]["teacher"] = pipe.evaluate_teachers(heldout)
+            summary["accuracy"]["before"] = pipe.evaluate_student(heldout)
+            log.info("held-out accuracy: teacher %s, student before %s", summary["accuracy"]["teacher"],
+                     summary["accuracy"]["before"])
+            writer.write(0, {f"accuracy/heldout/{d}": v for d, v in summary["accuracy"]["before"].items()})
+        B = cfg.data.prompts_per_step
+        samples = tokens = 0
+        t_loop = time.perf_counter()
+        for step in range(1, cfg.run.steps + 1):
+            t0 = time.perf_counter()
+            prompts = _get(actors.buffer.admit.remote(B), "buffer admission", pipe.timeout)
+            _get(pipe.produce(prompts), "rollout (sample → verify → teacher → buffer)", pipe.timeout)
+            t_roll = time.perf_counter() - t0
+            batch_ref = actors.buffer.get_batch.remote()
+            m = pipe.train_on(batch_ref)
+            batch_metrics, bstats = _get([_metrics_of.remote(batch_ref), actors.buffer.stats.remote()],
+                                         "buffer metrics", pipe.timeout)
+            m.update(batch_metrics)
+            samples += int(batch_metrics.get("batch/responses", 0))
+            tokens += int(batch_metrics.get("batch/tokens", 0))
+            dt = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t_loop
+            m.update({"throughput/samples_per_s": samples / elapsed, "throughput/tokens_per_s": tokens / elapsed,
+                      "time/step_s": dt, "time/rollout_s": t_roll, "policy/version": pipe.version,
+                      **{f"buffer/{k}": float(v) for k, v in bstats.items()}})
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and heldout and step != cfg.run.steps:
+                acc = pipe.evaluate_student(heldout)
+                m.update({f"accuracy/heldout/{d}": v for d, v in acc.items()})
+            writer.write(step, m)
+            writer.console(step, cfg.run.steps, m)
+            pipe.check_alive()
+            summary["steps"] = step
+        elapsed = time.perf_counter() - t_loop
+        summary["samples_per_s"] = samples / elapsed
+        summary["tokens_per_s"] = tokens / elapsed
+        summary["train_seconds"] = elapsed
+        if heldout:
+            summary["accuracy"]["after"] = pipe.evaluate_student(heldout)
+            writer.write(cfg.run.steps, {f"accuracy/heldout/{d}": v for d, v in summary["accuracy"]["after"].items()})
+            log.info("held-out accuracy after: %s (teacher %s)", summary["accuracy"]["after"],
+                     summary["accuracy"]["teacher"])
+        export = str(run_dir / "student")
+        _get([lr.save_hf.remote(export) for lr in actors.learners[:1]], "export student", pipe.timeout)
+        summary["student_export"] = export
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        writer.close()
+        if actors is not None:
+            for h in actors.all():
+                ray.kill(h, no_restart=True)
+        if started_ray:
+            ray.shutdown()
+
+
+@ray.remote(num_cpus=0)
+def _metrics_of(batch) -> dict[str, float]:
+    """Batch metrics read next to the object (the batch itself never comes to the driver)."""
+    if batch is None:
+        raise StageError("the buffer produced no batch: fewer complete groups than prompts_per_step")
+    return {**batch.metrics, "batch/responses": float(len(batch.samples)), "batch/tokens": float(batch.num_tokens)}

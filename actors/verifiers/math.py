@@ -1,0 +1,71 @@
+"""Math answer verifier: the last ``\\boxed{...}`` of a response against a reference answer.
+
+Owns the grading rule for the ``math`` domain (shared by the demo data preparation and
+the verifier actor): extract the content of the *last* ``\\boxed{...}`` (brace-matched,
+so ``\\boxed{\\frac{1}{2}}`` works), then compare it with the reference answer with
+``math_verify`` (``verify(parse(gold), parse(pred))``), falling back to exact string
+equality when ``math_verify`` cannot parse either side.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from math_verify import parse, verify
+
+logger = logging.getLogger(__name__)
+
+BOXED = "\\boxed{"
+# math_verify enforces its timeouts with signal.alarm, which raises in any thread but the
+# main one (Ray runs threaded actors and async actors off the main thread).
+_TIMEOUT_S = 5
+
+
+def extract_last_boxed(text: str) -> str | None:
+    """Return the content of the last ``\\boxed{...}`` in ``text``; None if absent or unclosed."""
+    start = text.rfind(BOXED)
+    if start < 0:
+        return None
+    i = start + len(BOXED)
+    depth = 1
+    for j in range(i, len(text)):
+        ch = text[j]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None
+
+
+def _timeout() -> int | None:
+    return _TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def answers_match(pred: str, gold: str) -> bool:
+    """math_verify equivalence of two answer strings, or plain equality if unparseable."""
+    pred, gold = pred.strip(), gold.strip()
+    if pred == gold:
+        return True
+    timeout = _timeout()
+    # Wrapping in $...$ makes math_verify read the strings as LaTeX math; bare numbers parse too.
+    gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
+    pred_parsed = parse(f"${pred}$", parsing_timeout=timeout)
+    if not gold_parsed or not pred_parsed:
+        return False  # string equality (checked above) is the fallback
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+
+
+def grade(response: str, row: Mapping[str, Any]) -> tuple[bool, str]:
+    """Grade ``response`` against ``row["answer"]``; return (correct, reason)."""
+    gold = str(row["answer"])
+    boxed = extract_last_boxed(response)
+    if boxed is None:
+        return False, "no complete \\boxed{...} in response"
+    if answers_match(boxed, gold):
+        return True, f"boxed answer {boxed!r} matches {gold!r}"
+    return False, f"boxed answer {boxed!r} != {gold!r}"

@@ -1,0 +1,122 @@
+"""Typed records that travel between the stages of the pipeline.
+
+    Prompt ──sampler──▶ Rollout ──verifier──▶ VerifiedRollout ──teacher──▶ ScoredRollout
+           ──buffer (balance §3.2, calibration §4, lag §2)──▶ TrainBatch ──▶ learner
+
+Every response carries the policy version it was sampled under, so lag is always
+computable downstream. Token-level arrays are numpy (cheap to pickle through the
+Ray object store); shapes are in the names: ``_T`` response tokens, ``_TK`` top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+TeacherStatus = Literal["ok", "failed"]
+DropReason = Literal["stale", "teacher_failed"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One dataset record. ``uid`` is unique per admission (a prompt id may recur across epochs)."""
+
+    id: str
+    domain: str
+    prompt: str
+    answer: str | None = None
+    tests: str | None = None
+    entry_point: str | None = None
+    uid: int = -1
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled response with the behaviour policy's per-token log-probs (SPEC §2)."""
+
+    prompt: Prompt
+    sample_idx: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    behaviour_logprobs_T: np.ndarray
+    policy_version: int
+    text: str
+    finish_reason: str
+    sampler_rank: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.response_ids)
+
+
+@dataclass(frozen=True)
+class VerifiedRollout:
+    rollout: Rollout
+    correct: bool
+    reason: str  # e.g. "match", "mismatch", "no_boxed", "timeout"
+
+
+@dataclass(frozen=True)
+class TeacherScore:
+    """Teacher prefill log-probs of the student's own tokens (SPEC §1), optional top-k (SPEC §6)."""
+
+    logprobs_T: np.ndarray
+    topk_ids_TK: np.ndarray | None = None
+    topk_logprobs_TK: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ScoredRollout:
+    verified: VerifiedRollout
+    teacher: TeacherScore | None
+    teacher_name: str
+    status: TeacherStatus = "ok"
+
+    @property
+    def rollout(self) -> Rollout:
+        return self.verified.rollout
+
+    @property
+    def correct(self) -> bool:
+        return self.verified.correct
+
+    def distill_return(self) -> float:
+        """G(q, τ) = mean_t (log πT − log π_behave) (SPEC §4, with the sampler's log-probs standing in
+        for π_S,old: at lag 0 they agree to < 1e-6 in fp32; the learner recomputes A_t itself)."""
+        if self.teacher is None or self.rollout.num_tokens == 0:
+            return 0.0
+        return float(np.mean(self.teacher.logprobs_T - self.rollout.behaviour_logprobs_T))
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    """One response as the learner sees it: tokens, teacher signal, calibration and balancing outcome."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    behaviour_logprobs_T: np.ndarray
+    teacher_logprobs_T: np.ndarray | None  # None: teacher failed → A_t = 0 (SPEC §1)
+    topk_ids_TK: np.ndarray | None
+    topk_logprobs_TK: np.ndarray | None
+    advantage_shift: float  # SPEC §4 margin shift, added to every token's advantage
+    weight: float  # 0.0 when masked by balancing (§3.2) or calibration mask (§4)
+    policy_version: int
+    domain: str
+    correct: bool
+    prompt_id: str
+
+
+@dataclass
+class TrainBatch:
+    """B complete groups ready for one optimizer step."""
+
+    samples: list[TrainSample]
+    n_responses_total: int  # denominator of SPEC §1 reduction (masked responses included)
+    metrics: dict[str, float] = field(default_factory=dict)
+    prompt_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.response_ids) for s in self.samples)

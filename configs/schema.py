@@ -1,0 +1,318 @@
+"""The one typed configuration of a Uni-OPD-Ray run, validated before anything starts.
+
+A run is described by one YAML file (``configs/demo.yaml`` by default) plus
+``key=value`` overrides from the command line. ``load_config`` merges them,
+validates the whole tree and returns a frozen ``RunConfig``; every error names
+the key, the value and the fix. No Ray actor starts and no model loads until this
+returns. Checks that span sections (a domain whose teacher does not exist, a
+top-k larger than the vocabulary is checked later, when the tokenizer is known)
+sit on the root model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).with_name("demo.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key, the value and the fix in its message."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    name: str = Field("demo", description="Run name: outputs go to <output_dir>/<name>/.")
+    output_dir: str = Field("runs", description="Parent folder of run directories.")
+    seed: int = Field(0, description="Seed for sampling, balancing and the learner.")
+    steps: int = Field(40, ge=1, description="Learner steps (optimizer updates) to run.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto' or host:port); null starts an embedded local Ray."
+    )
+    num_cpus: float = Field(4, gt=0, description="Logical CPUs of the embedded Ray (ignored when joining a cluster).")
+    eval_every: int = Field(0, ge=0, description="Held-out greedy evaluation every N steps (0: only before and after).")
+    resume: str | None = Field(None, description="Run directory to resume from (latest complete checkpoint).")
+    call_timeout_s: float = Field(600, gt=0, description="Timeout for any remote call the driver waits on.")
+
+
+class DemoSection(_Section):
+    prepare: bool = Field(
+        True, description="Build the demo's tiny teachers, student and data on first use (cached under cache_dir)."
+    )
+    cache_dir: str = Field(".cache/demo", description="Where the demo preparation writes models and data.")
+
+
+class DataSection(_Section):
+    train: str = Field(description="Training prompts, JSONL or Parquet; one record per prompt.")
+    heldout: str | None = Field(None, description="Held-out prompts for greedy accuracy (before/after).")
+    prompts_per_step: int = Field(16, ge=1, description="B: prompts per learner step (SPEC §2).")
+    on_bad_row: Literal["fail", "skip"] = Field("fail", description="A malformed row stops the run or is skipped and counted.")
+    heldout_limit: int = Field(0, ge=0, description="Evaluate at most this many held-out prompts per domain (0: all).")
+
+
+class MathVerifier(_Section):
+    type: Literal["math"] = "math"
+
+
+class ExactVerifier(_Section):
+    type: Literal["exact"] = "exact"
+
+
+class CodeVerifier(_Section):
+    type: Literal["code"] = "code"
+    wall_seconds: float = Field(5.0, gt=0, description="Wall-clock limit of one program run.")
+    memory_mb: int = Field(512, ge=16, description="Address-space limit of one program run.")
+
+
+VerifierConfig = Annotated[MathVerifier | ExactVerifier | CodeVerifier, Field(discriminator="type")]
+
+
+class DomainConfig(_Section):
+    teacher: str = Field(description="Name of the teacher (a key of `teachers`) that scores this domain.")
+    verifier: VerifierConfig = Field(description="How a response of this domain is graded.")
+
+
+class TeacherConfig(_Section):
+    path: str = Field(description="Hugging Face model directory of the teacher.")
+    replicas: int = Field(1, ge=1, description="Teacher actors serving this model (round-robin).")
+    num_cpus: float = Field(0.5, gt=0, description="Ray CPUs per teacher actor.")
+    num_gpus: float = Field(0, ge=0, description="Ray GPUs per teacher actor.")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    micro_batch_size: int = Field(64, ge=1, description="Responses per prefill forward pass.")
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="Hugging Face model directory of the student (tokenizer included).")
+
+
+class SamplerConfig(_Section):
+    type: Literal["vllm"] = "vllm"
+    num_samplers: int = Field(1, ge=1, description="N sampler actors, each holding one vLLM engine.")
+    n: int = Field(8, ge=1, description="Responses per prompt (the group size).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0 keeps behaviour log-probs unbiased).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(16, ge=1)
+    max_model_len: int = Field(64, ge=8)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    kv_cache_gib: float = Field(1, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class VerifierSection(_Section):
+    num_cpus: float = Field(0.25, gt=0, description="Ray CPUs of the verifier actor.")
+
+
+class CalibrationConfig(_Section):
+    """SPEC §4 outcome-guided margin calibration. Defaults: the released Uni-OPD scripts."""
+
+    mode: Literal["none", "shift", "mask"] = "shift"
+    direction: Literal["correct_up", "incorrect_down", "both"] = "both"
+    mask_form: Literal["group_drop", "greedy"] = "greedy"
+    statistic: Literal["mean", "minmax"] = "mean"
+    scope: Literal["group", "global"] = "group"
+    delta: float = Field(0.4, ge=0, description="δ: required gap between correct and incorrect returns.")
+    greedy_min_frac: float = Field(0.25, gt=0, le=1)
+
+
+class BufferConfig(_Section):
+    balance: bool = Field(True, description="SPEC §3.2 online correctness-aware balancing.")
+    balance_ratio: float = Field(1.0, gt=0, description="r: keep correct : incorrect = r : 1 in mixed groups.")
+    calibration: CalibrationConfig = CalibrationConfig()
+    max_lag: int = Field(0, ge=0, description="η: off-policy lag bound (SPEC §2); 0 is synchronous on-policy.")
+    num_cpus: float = Field(0.25, gt=0)
+
+
+class ObjectiveConfig(_Section):
+    """SPEC §1 policy-gradient term plus an optional SPEC §6 top-k distribution term."""
+
+    pg_weight: float = Field(1.0, ge=0, description="Weight of the SPEC §1 clipped policy-gradient term.")
+    eps_low: float = Field(0.2, ge=0, lt=1)
+    eps_high: float = Field(0.28, ge=0)
+    mask_threshold: float = Field(10.0, gt=0, description="Tokens with |log πθ − log πT| ≥ this are masked.")
+    dist_weight: float = Field(0.0, ge=0, description="Weight of the top-k distribution-matching term (0: off).")
+    dist_kind: Literal["reverse_kl_topk", "forward_kl_topk", "jsd"] = "reverse_kl_topk"
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+    top_k: int = Field(32, ge=1, description="Teacher top-k log-probs returned per position for the distribution term.")
+
+
+class ImportanceConfig(_Section):
+    """SPEC §2 behaviour-policy correction of lagged tokens."""
+
+    mode: Literal["none", "tis", "icepop"] = "tis"
+    tis_upper: float = Field(5.0, gt=0)
+    icepop_low: float = Field(0.5, gt=0)
+    icepop_high: float = Field(2.0, gt=0)
+
+
+class LearnerConfig(_Section):
+    world_size: int = Field(1, ge=1, description="W: data-parallel learner ranks (Ray actors).")
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    lr: float = Field(3e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(64, ge=1, description="Responses per forward/backward chunk.")
+    bf16: bool = False
+    objective: ObjectiveConfig = ObjectiveConfig()
+    importance: ImportanceConfig = ImportanceConfig()
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    checkpoint_every: int = Field(0, ge=0, description="Save every K steps (0: only at the end).")
+
+
+class WeightSyncConfig(_Section):
+    backend: Literal["gloo", "nccl"] = Field("gloo", description="Collective backend: nccl on GPUs, gloo on CPU.")
+    bucket_mb: float = Field(64, gt=0, description="Weights are flattened and broadcast in buckets of this size.")
+    timeout_s: float = Field(120, gt=0, description="A broadcast that does not finish in time fails the run.")
+    master_addr: str = "127.0.0.1"
+
+
+class RunConfig(_Section):
+    run: RunSection = RunSection()
+    demo: DemoSection = DemoSection()
+    data: DataSection
+    student: ModelConfig
+    domains: dict[str, DomainConfig]
+    teachers: dict[str, TeacherConfig]
+    sampler: SamplerConfig = SamplerConfig()
+    verifier: VerifierSection = VerifierSection()
+    buffer: BufferConfig = BufferConfig()
+    learner: LearnerConfig = LearnerConfig()
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if not self.domains:
+            raise ValueError("`domains` is empty; name at least one domain with its teacher and verifier")
+        for name, dom in self.domains.items():
+            if dom.teacher not in self.teachers:
+                raise ValueError(
+                    f"`domains.{name}.teacher` is {dom.teacher!r}, which is not a key of `teachers` "
+                    f"(known: {sorted(self.teachers)}); add it under `teachers` or fix the name"
+                )
+        unused = sorted(set(self.teachers) - {d.teacher for d in self.domains.values()})
+        if unused:
+            raise ValueError(f"`teachers` {unused} serve no domain; remove them or route a domain to them")
+        if self.sampler.max_new_tokens >= self.sampler.max_model_len:
+            raise ValueError(
+                f"`sampler.max_new_tokens` ({self.sampler.max_new_tokens}) must be < `sampler.max_model_len` "
+                f"({self.sampler.max_model_len}); raise max_model_len or lower max_new_tokens"
+            )
+        imp = self.learner.importance
+        if imp.icepop_low >= imp.icepop_high:
+            raise ValueError(
+                f"`learner.importance.icepop_low` ({imp.icepop_low}) must be < `icepop_high` ({imp.icepop_high})"
+            )
+        if self.learner.objective.pg_weight == 0 and self.learner.objective.dist_weight == 0:
+            raise ValueError("`learner.objective.pg_weight` and `dist_weight` are both 0; the loss would be empty")
+        return self
+
+    # -- derived facts used by the driver and the plan ---------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def teacher_of_domain(self) -> dict[str, str]:
+        return {d: c.teacher for d, c in self.domains.items()}
+
+    @property
+    def needs_topk(self) -> bool:
+        return self.learner.objective.dist_weight > 0
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+
+
+def _set_override(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override `{dotted}={raw}`: `{k}` is a value, not a section")
+        node = nxt
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for a in args:
+        if "=" not in a or a.startswith("="):
+            raise ConfigError(f"command-line argument {a!r} is not `key=value` (example: `run.steps=10`)")
+        k, v = a.split("=", 1)
+        out.append((k.strip(), v))
+    return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        # pydantic puts the discriminator tag into the location; keep the user-visible path.
+        val = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - `{key}` is not a known key; remove it or check its spelling")
+        elif e["type"] == "missing":
+            lines.append(f"  - `{key}` is required; set it in the YAML or as `{key}=...`")
+        else:
+            shown = repr(val) if not isinstance(val, dict) else "{...}"
+            where = f"`{key}` is {shown}; " if key else ""
+            lines.append(f"  - {where}{e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML + ``key=value`` overrides into a validated ``RunConfig`` or raise ``ConfigError``."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML (default {DEFAULT_CONFIG})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, data:, ...)")
+    for key, raw in parse_overrides(overrides or []):
+        _set_override(tree, key, raw)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, str(path))) from None
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Model and data paths exist (after the demo preparation, which may create them)."""
+    problems = []
+    if not Path(cfg.student.path, "config.json").is_file():
+        problems.append(f"`student.path` is {cfg.student.path!r}: no config.json there; point it at a HF model dir")
+    for name, t in cfg.teachers.items():
+        if not Path(t.path, "config.json").is_file():
+            problems.append(f"`teachers.{name}.path` is {t.path!r}: no config.json there; point it at a HF model dir")
+    for key in ("train", "heldout"):
+        p = getattr(cfg.data, key)
+        if p is not None and not Path(p).is_file():
+            problems.append(f"`data.{key}` is {p!r}: no such file")
+    if problems:
+        raise ConfigError("invalid paths:\n  - " + "\n  - ".join(problems))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

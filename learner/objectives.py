@@ -1,0 +1,399 @@
+"""Loss functions of the learner: pure torch, no model, no Ray, no config.
+
+What this module owns (SPEC.md references in brackets):
+
+- the distillation advantage ``A = log π_T − log π_S,old`` and the clipped
+  policy-gradient loss on it, with the |log π_θ − log π_T| ≥ 10 token mask
+  and the release's batch reduction whose denominator counts responses masked
+  by balancing / calibration  [§1];
+- behaviour (sampler) importance weights π_S,old / π_behave, truncated (TIS)
+  or band-masked (ICE-POP), and the sampler↔learner mismatch KL  [§2];
+- per-token distribution divergences over the teacher's top-k plus one "tail"
+  category (forward KL, reverse KL, generalised JSD) and the registry that lets
+  the config pick one  [§6].
+
+Invariants kept by every function here:
+
+- everything is computed in float32, whatever the input dtype;
+- padded positions (``mask_BT == 0``) contribute exactly 0 to values *and*
+  gradients, whatever garbage the padded inputs hold, so a fully padded row
+  gives 0, never NaN;
+- advantages and weights are detached constants; only the student's current
+  log-probs / logits carry gradient.
+
+Shape suffixes: B responses, T response tokens (padded), V vocabulary,
+K teacher top-k. ``mask_BT`` is 1.0 on real response tokens, 0.0 on padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "OBJECTIVES",
+    "DistributionObjective",
+    "PGStats",
+    "behaviour_weights",
+    "distill_advantage",
+    "forward_kl_topk",
+    "gather_logprobs",
+    "jsd_topk",
+    "mismatch_kl",
+    "per_response_mean",
+    "pg_loss_per_response",
+    "reduce_over_batch",
+    "reverse_kl_topk",
+    "topk_divergence",
+]
+
+# exp() of a log-ratio beyond this overflows float32 long before it means
+# anything; clamping keeps inf out of products with zero masks (verl does the same).
+_MAX_LOG_RATIO = 20.0
+# Smallest probability mass given to the top-k "tail" category. When K covers
+# (nearly) all the mass, 1 − Σ_K p is float32 rounding noise (can even be < 0);
+# flooring it keeps log() finite and its gradient 0 instead of inf/NaN.
+_TAIL_MASS_FLOOR = 1e-6
+# Teacher log-probs below this are treated as "probability 0": avoids −inf in
+# reverse KL when a teacher returns −inf for a top-k slot.
+_MIN_TEACHER_LOGP = -1e4
+
+BehaviourWeightMode = Literal["none", "tis", "icepop"]
+DivergenceKind = Literal["reverse_kl", "forward_kl", "jsd"]
+
+
+# ---------------------------------------------------------------------------
+# Log-probs
+# ---------------------------------------------------------------------------
+
+
+def _logsumexp_rows_BT(logits_BTV: Tensor) -> Tensor:
+    """logsumexp over V in float32, one response at a time.
+
+    Looping over B bounds the float32 temporaries of the forward pass to T×V
+    instead of B×T×V (matters when the logits are bf16 and V is ~150k).
+    """
+    return torch.stack([torch.logsumexp(row_TV.float(), dim=-1) for row_TV in logits_BTV])
+
+
+def gather_logprobs(logits_BTV: Tensor, token_ids_BT: Tensor) -> Tensor:
+    """log softmax(logits)[token] for each position, in float32.
+
+    Computed as ``logit[token] − logsumexp(logits)`` so no full B×T×V
+    log-softmax tensor is materialised.
+    """
+    if logits_BTV.shape[:2] != token_ids_BT.shape:
+        raise ValueError(
+            f"logits_BTV has leading shape {tuple(logits_BTV.shape[:2])} but token_ids_BT has "
+            f"shape {tuple(token_ids_BT.shape)}; they must match (B, T)"
+        )
+    picked_BT = logits_BTV.gather(-1, token_ids_BT.long().unsqueeze(-1)).squeeze(-1).float()
+    return picked_BT - _logsumexp_rows_BT(logits_BTV)
+
+
+# ---------------------------------------------------------------------------
+# SPEC §1: the distillation advantage
+# ---------------------------------------------------------------------------
+
+
+def distill_advantage(teacher_logp_BT: Tensor, old_logp_BT: Tensor) -> Tensor:
+    """SPEC §1: ``A_t = log π_T(y_t) − log π_S,old(y_t)``, a detached constant.
+
+    Per-token reverse-KL signal: positive where the teacher likes the student's
+    token more than the student does.
+    """
+    return (teacher_logp_BT.float() - old_logp_BT.float()).detach()
+
+
+# ---------------------------------------------------------------------------
+# SPEC §2: off-policy (behaviour) correction
+# ---------------------------------------------------------------------------
+
+
+def _masked_log_ratio_BT(num_logp_BT: Tensor, den_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """``num − den`` on real tokens, 0 on padding, clamped so exp() stays finite."""
+    log_ratio_BT = (num_logp_BT.float() - den_logp_BT.float()).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return torch.where(mask_BT > 0, log_ratio_BT, torch.zeros_like(log_ratio_BT))
+
+
+def behaviour_weights(
+    old_logp_BT: Tensor,
+    behave_logp_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    mode: BehaviourWeightMode,
+    tis_upper: float = 5.0,
+    icepop_low: float = 0.5,
+    icepop_high: float = 2.0,
+) -> Tensor:
+    """SPEC §2 importance correction: ``w_t = π_S,old(y_t) / π_behave(y_t)``.
+
+    - ``none``: 1 on every real token (no correction);
+    - ``tis``: ``min(w, tis_upper)`` (truncated importance sampling);
+    - ``icepop``: ``w`` where ``icepop_low ≤ w ≤ icepop_high``, else 0.
+
+    Padded positions get 0 in every mode. The result is detached: it scales the
+    per-token loss, it is not optimised.
+    """
+    mask_BT = mask_BT.float()
+    if mode == "none":
+        return mask_BT.clone()
+    w_BT = torch.exp(_masked_log_ratio_BT(old_logp_BT, behave_logp_BT, mask_BT)).detach()
+    if mode == "tis":
+        if tis_upper <= 0:
+            raise ValueError(f"tis_upper is {tis_upper}; it must be > 0 (SPEC §2 default 5)")
+        w_BT = w_BT.clamp(max=tis_upper)
+    elif mode == "icepop":
+        if not 0 <= icepop_low <= icepop_high:
+            raise ValueError(
+                f"icepop band is [{icepop_low}, {icepop_high}]; it needs 0 ≤ icepop_low ≤ icepop_high"
+            )
+        in_band_BT = (w_BT >= icepop_low) & (w_BT <= icepop_high)
+        w_BT = torch.where(in_band_BT, w_BT, torch.zeros_like(w_BT))
+    else:
+        raise ValueError(f"behaviour weight mode is {mode!r}; it must be one of 'none', 'tis', 'icepop'")
+    return w_BT * mask_BT
+
+
+def mismatch_kl(old_logp_BT: Tensor, behave_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """SPEC §2 metric: token-mean estimate of ``KL(π_behave ‖ π_S,old)``.
+
+    The tokens were sampled from the behaviour policy (the sampler), so the
+    unbiased, always non-negative k3 estimator (Schulman, "Approximating KL
+    divergence") is ``E_behave[r − 1 − log r]`` with ``r = π_S,old / π_behave``.
+    Returns a detached float32 scalar; 0 when the mask is empty.
+    """
+    mask_BT = mask_BT.float()
+    log_r_BT = _masked_log_ratio_BT(old_logp_BT, behave_logp_BT, mask_BT).detach()
+    k3_BT = torch.expm1(log_r_BT) - log_r_BT  # r − 1 − log r, accurate for r ≈ 1
+    return (k3_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1.0)
+
+
+# ---------------------------------------------------------------------------
+# SPEC §1: clipped policy gradient and its reductions
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PGStats:
+    """Detached float32 scalars describing one ``pg_loss_per_response`` call.
+
+    clip_frac: fraction of loss-carrying tokens on which the clipped branch was
+        active (zero gradient): ρ > 1+ε_high with A > 0, or ρ < 1−ε_low with A < 0.
+    masked_token_frac: fraction of real tokens dropped by the SPEC §1
+        ``|log π_θ − log π_T| ≥ threshold`` mask.
+    """
+
+    clip_frac: Tensor
+    masked_token_frac: Tensor
+
+
+def per_response_mean(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """Mean of ``x`` over each response's masked-in tokens; 0 for an empty row.
+
+    Padded entries of ``x`` are ignored even if they are inf/NaN.
+    """
+    mask_BT = mask_BT.float()
+    x_BT = torch.where(mask_BT > 0, x_BT.float(), torch.zeros_like(x_BT, dtype=torch.float32))
+    return x_BT.sum(dim=-1) / mask_BT.sum(dim=-1).clamp(min=1.0)
+
+
+def pg_loss_per_response(
+    logp_BT: Tensor,
+    old_logp_BT: Tensor,
+    adv_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    teacher_logp_BT: Tensor | None = None,
+    mask_threshold: float = 10.0,
+    weight_BT: Tensor | None = None,
+) -> tuple[Tensor, PGStats]:
+    """SPEC §1 clipped policy-gradient loss, one value per response.
+
+    Per token::
+
+        ρ_t = exp(log π_θ − log π_S,old)
+        ℓ_t = max(−ρ_t A_t, −clip(ρ_t, 1−ε_low, 1+ε_high) A_t) · w_t
+
+    where ``w_t`` is the SPEC §2 behaviour weight (``weight_BT``; 1 if None).
+    If ``teacher_logp_BT`` is given, tokens with
+    ``|log π_θ − log π_T| ≥ mask_threshold`` (log π_θ detached) are dropped
+    (Uni-OPD release). Each response's loss is the mean of ℓ over its remaining
+    tokens (0 if none remain). Only ``logp_BT`` carries gradient.
+    """
+    if not (0 <= eps_low < 1 and eps_high >= 0):
+        raise ValueError(f"clip range is eps_low={eps_low}, eps_high={eps_high}; need 0 ≤ eps_low < 1, eps_high ≥ 0")
+    real_BT = mask_BT.float() > 0
+    keep_BT = real_BT
+    if teacher_logp_BT is not None:
+        gap_BT = (logp_BT.detach().float() - teacher_logp_BT.float()).abs()
+        # NaN gaps (garbage teacher numbers) fail `< threshold` and are dropped too.
+        keep_BT = real_BT & (gap_BT < mask_threshold)
+    keep_f_BT = keep_BT.float()
+
+    adv_BT = torch.where(keep_BT, adv_BT.detach().float(), torch.zeros_like(adv_BT, dtype=torch.float32))
+    ratio_BT = torch.exp(_masked_log_ratio_BT(logp_BT, old_logp_BT.detach(), keep_f_BT))
+    unclipped_BT = -ratio_BT * adv_BT
+    clipped_BT = -ratio_BT.clamp(1.0 - eps_low, 1.0 + eps_high) * adv_BT
+    loss_BT = torch.maximum(unclipped_BT, clipped_BT)
+    if weight_BT is not None:
+        weight_BT = torch.where(keep_BT, weight_BT.detach().float(), torch.zeros_like(weight_BT, dtype=torch.float32))
+        loss_BT = loss_BT * weight_BT
+
+    loss_B = per_response_mean(loss_BT, keep_f_BT)
+
+    with torch.no_grad():
+        n_kept = keep_f_BT.sum()
+        n_real = real_BT.float().sum()
+        clip_active_BT = (clipped_BT > unclipped_BT) & keep_BT
+        stats = PGStats(
+            clip_frac=clip_active_BT.float().sum() / n_kept.clamp(min=1.0),
+            masked_token_frac=(n_real - n_kept) / n_real.clamp(min=1.0),
+        )
+    return loss_B, stats
+
+
+def reduce_over_batch(loss_B: Tensor, response_weight_B: Tensor, n_responses_total: int) -> Tensor:
+    """SPEC §1 release reduction: ``Σ_b weight_b · loss_b / n_responses_total``.
+
+    ``response_weight_B`` is 0 for responses masked by balancing (§3.2) or
+    calibration (§4); ``n_responses_total`` counts *all* responses of the global
+    batch, masked ones included, so masking shrinks the gradient scale (the
+    release's behaviour, kept on purpose).
+    """
+    if n_responses_total <= 0:
+        raise ValueError(f"n_responses_total is {n_responses_total}; it must be ≥ 1 (responses in the global batch)")
+    weighted_B = loss_B.float() * response_weight_B.detach().float()
+    return weighted_B.sum() / n_responses_total
+
+
+# ---------------------------------------------------------------------------
+# SPEC §6: distribution matching over the teacher's top-k + tail
+# ---------------------------------------------------------------------------
+
+
+def _tail_logp(topk_logp_BTK: Tensor) -> Tensor:
+    """``log(1 − Σ_K p)``, with the mass floored at ``_TAIL_MASS_FLOOR``.
+
+    ``-expm1(logsumexp)`` is the accurate form of ``1 − Σ p`` when Σ p ≈ 1;
+    the floor keeps log() finite and, being a clamp, gives zero (not inf or
+    NaN) gradient when K covers all the mass.
+    """
+    tail_mass = -torch.expm1(torch.logsumexp(topk_logp_BTK, dim=-1))
+    return torch.log(tail_mass.clamp(min=_TAIL_MASS_FLOOR))
+
+
+def _kl_over_categories(logp_P: Tensor, logp_Q: Tensor) -> Tensor:
+    """``Σ_c P_c (log P_c − log Q_c)`` over the last dim; P_c = 0 terms are 0."""
+    p = logp_P.exp()
+    terms = torch.where(p > 0, p * (logp_P - logp_Q), torch.zeros_like(p))
+    return terms.sum(dim=-1)
+
+
+def topk_divergence(
+    student_logits_BTV: Tensor,
+    teacher_topk_ids_BTK: Tensor,
+    teacher_topk_logp_BTK: Tensor,
+    mask_BT: Tensor,
+    *,
+    kind: DivergenceKind,
+    beta: float = 0.5,
+) -> Tensor:
+    """SPEC §6 per-token divergence between teacher and student over K+1 categories.
+
+    Categories: the teacher's K top tokens, plus one tail category holding the
+    rest of the mass (``1 − Σ_K p``, for teacher and student alike).
+
+    - ``forward_kl``: ``Σ p_T (log p_T − log p_S)`` = KL(T ‖ S);
+    - ``reverse_kl``: ``Σ p_S (log p_S − log p_T)`` = KL(S ‖ T);
+    - ``jsd``: ``β·KL(T ‖ M) + (1−β)·KL(S ‖ M)``, ``M = β p_T + (1−β) p_S``;
+      ``β = 0`` is forward KL and ``β = 1`` reverse KL exactly (TRL's GKD
+      convention; the mixture formula itself tends to 0 at both ends, so the
+      endpoints are special-cased).
+
+    Differentiable in ``student_logits_BTV``; the teacher side is constant.
+    Returns float32 ``per_token_BT``, 0 on padded positions.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta is {beta}; it must lie in [0, 1] (0 = forward KL, 1 = reverse KL)")
+    if kind not in ("reverse_kl", "forward_kl", "jsd"):
+        raise ValueError(f"divergence kind is {kind!r}; it must be one of 'reverse_kl', 'forward_kl', 'jsd'")
+    real_BT = mask_BT.float() > 0
+    real_BTK = real_BT.unsqueeze(-1)
+    k = teacher_topk_ids_BTK.shape[-1]
+
+    # Padded slots may hold any ids / numbers: replace them with harmless ones
+    # (id 0, uniform teacher) so neither forward nor backward sees inf/NaN there.
+    ids_BTK = torch.where(real_BTK, teacher_topk_ids_BTK.long(), torch.zeros_like(teacher_topk_ids_BTK, dtype=torch.long))
+    uniform_logp = -math.log(k + 1)
+    t_topk_BTK = teacher_topk_logp_BTK.detach().float().clamp(min=_MIN_TEACHER_LOGP)
+    t_topk_BTK = torch.where(real_BTK, t_topk_BTK, torch.full_like(t_topk_BTK, uniform_logp))
+
+    s_topk_BTK = student_logits_BTV.gather(-1, ids_BTK).float() - _logsumexp_rows_BT(student_logits_BTV).unsqueeze(-1)
+    t_BTC = torch.cat([t_topk_BTK, _tail_logp(t_topk_BTK).unsqueeze(-1)], dim=-1)  # C = K + 1
+    s_BTC = torch.cat([s_topk_BTK, _tail_logp(s_topk_BTK).unsqueeze(-1)], dim=-1)
+
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        div_BT = _kl_over_categories(t_BTC, s_BTC)
+    elif kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        div_BT = _kl_over_categories(s_BTC, t_BTC)
+    else:
+        mix_BTC = torch.logsumexp(torch.stack([t_BTC + math.log(beta), s_BTC + math.log(1.0 - beta)]), dim=0)
+        div_BT = beta * _kl_over_categories(t_BTC, mix_BTC) + (1.0 - beta) * _kl_over_categories(s_BTC, mix_BTC)
+
+    return torch.where(real_BT, div_BT, torch.zeros_like(div_BT))
+
+
+class DistributionObjective(Protocol):
+    """A per-token distribution term of SPEC §6: ``per_token_BT`` from student logits and teacher top-k."""
+
+    def __call__(
+        self,
+        student_logits_BTV: Tensor,
+        teacher_topk_ids_BTK: Tensor,
+        teacher_topk_logp_BTK: Tensor,
+        mask_BT: Tensor,
+    ) -> Tensor: ...
+
+
+def reverse_kl_topk(
+    student_logits_BTV: Tensor, teacher_topk_ids_BTK: Tensor, teacher_topk_logp_BTK: Tensor, mask_BT: Tensor
+) -> Tensor:
+    """SPEC §6 ``reverse_kl_topk``: KL(S ‖ T) over top-k + tail, per token."""
+    return topk_divergence(student_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK, mask_BT, kind="reverse_kl")
+
+
+def forward_kl_topk(
+    student_logits_BTV: Tensor, teacher_topk_ids_BTK: Tensor, teacher_topk_logp_BTK: Tensor, mask_BT: Tensor
+) -> Tensor:
+    """SPEC §6 ``forward_kl_topk``: KL(T ‖ S) over top-k + tail, per token."""
+    return topk_divergence(student_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK, mask_BT, kind="forward_kl")
+
+
+def jsd_topk(
+    student_logits_BTV: Tensor,
+    teacher_topk_ids_BTK: Tensor,
+    teacher_topk_logp_BTK: Tensor,
+    mask_BT: Tensor,
+    *,
+    beta: float = 0.5,
+) -> Tensor:
+    """SPEC §6 ``jsd(β)`` (GKD) over top-k + tail, per token."""
+    return topk_divergence(
+        student_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK, mask_BT, kind="jsd", beta=beta
+    )
+
+
+# Config picks a distribution term by name (SPEC §6). ``jsd`` takes ``beta`` as a
+# keyword; the registry entry uses the default β = 0.5 unless bound by the caller.
+OBJECTIVES: dict[str, DistributionObjective] = {
+    "reverse_kl_topk": reverse_kl_topk,
+    "forward_kl_topk": forward_kl_topk,
+    "jsd": jsd_topk,
+}

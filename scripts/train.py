@@ -1,0 +1,63 @@
+"""Entry point: ``python scripts/train.py [CONFIG] [key=value ...] [--dry-run]``.
+
+Loads and validates the config (nothing starts before that), prepares the demo's
+models and data on first use when ``demo.prepare`` is on, then runs the pipeline
+(actors/pipeline.py) and writes ``runs/<name>/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configs.schema import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?", help="YAML config (default: configs/demo.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=10")
+    ap.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit")
+    args = ap.parse_args(argv)
+    if args.config and "=" in args.config:  # first positional is an override, not a file
+        args.overrides.insert(0, args.config)
+        args.config = None
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="%H:%M:%S",
+                        handlers=[RichHandler(show_path=False, markup=False)])
+    log = logging.getLogger("uniopd")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+
+    from actors.pipeline import describe_plan, run
+
+    if args.dry_run:
+        print(describe_plan(cfg))
+        return 0
+    if cfg.demo.prepare:
+        from scripts.prepare_demo import prepare
+
+        prepare(cfg.demo.cache_dir)
+    try:
+        summary = run(cfg)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; actors shut down")
+        return 130
+    log.info("summary: %s", summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
