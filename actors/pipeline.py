@@ -126,7 +126,9 @@ class Pipeline:
 
     def train_on(self, batch_ref) -> dict[str, float]:
         a = self.a
+        t0 = time.perf_counter()
         per_rank = _get([lr.train_step.remote(batch_ref) for lr in a.learners], "learner train step", self.timeout)
+        t1 = time.perf_counter()
         m = {f"learner/{k}" if k not in ("loss", "mismatch_kl") else k: float(np.mean([r[k] for r in per_rank]))
              for k in per_rank[0]}
         self.version += 1
@@ -135,6 +137,7 @@ class Pipeline:
         res = _get(refs, "weight sync (broadcast learner → samplers)", self.cfg.weight_sync.timeout_s + 30)
         m.update(res[0])
         _get(a.buffer.set_version.remote(self.version), "buffer version update", self.timeout)
+        m["time/train_s"], m["time/sync_s"] = t1 - t0, time.perf_counter() - t1
         return m
 
     def check_alive(self) -> None:
@@ -230,7 +233,7 @@ def run(cfg: RunConfig) -> dict:
             t_roll = time.perf_counter() - t0
             batch_ref = actors.buffer.get_batch.remote()
             m = pipe.train_on(batch_ref)
-            batch_metrics, bstats = _get([_metrics_of.remote(batch_ref), actors.buffer.stats.remote()],
+            batch_metrics, bstats = _get([actors.buffer.last_batch_metrics.remote(), actors.buffer.stats.remote()],
                                          "buffer metrics", pipe.timeout)
             m.update(batch_metrics)
             samples += int(batch_metrics.get("batch/responses", 0))
@@ -268,11 +271,3 @@ def run(cfg: RunConfig) -> dict:
                 ray.kill(h, no_restart=True)
         if started_ray:
             ray.shutdown()
-
-
-@ray.remote(num_cpus=0)
-def _metrics_of(batch) -> dict[str, float]:
-    """Batch metrics read next to the object (the batch itself never comes to the driver)."""
-    if batch is None:
-        raise StageError("the buffer produced no batch: fewer complete groups than prompts_per_step")
-    return {**batch.metrics, "batch/responses": float(len(batch.samples)), "batch/tokens": float(batch.num_tokens)}

@@ -54,6 +54,7 @@ class ReplayBuffer:
         self.accepted = 0
         self.counters: Counter[str] = Counter()
         self.accounting: list[tuple[str, int, str]] = []  # (prompt id, uid, outcome)
+        self._last_metrics: dict[str, float] = {}
         self.calib = CalibrationSettings(
             mode=cfg.calibration.mode,
             direction=cfg.calibration.direction,
@@ -208,8 +209,14 @@ class ReplayBuffer:
                 # sampled-token estimate of KL(πS ‖ πT) = E_S[log πS − log πT] per token
                 m[f"teacher/{d}/kl"] = float(np.mean(kls))
         m["buffer/ready_groups"] = len(self.ready)
+        m["batch/responses"], m["batch/tokens"] = float(n_total), float(sum(len(x.response_ids) for x in samples))
+        self._last_metrics = m
         return TrainBatch(samples=samples, n_responses_total=n_total, metrics=m,
                           prompt_ids=[g.prompt.id for g in kept_groups])
+
+    def last_batch_metrics(self) -> dict[str, float]:
+        """Metrics of the last batch handed out (the batch itself goes straight to the learner)."""
+        return dict(self._last_metrics)
 
     # -- learner progress ---------------------------------------------------------------------
     def set_version(self, version: int) -> None:

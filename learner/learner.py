@@ -70,6 +70,8 @@ def lr_lambda(cfg: LearnerConfig, total_steps: int):
 def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response sequences and response-aligned token tensors."""
     B = len(samples)
+    # The teacher may return fewer than top_k (top_k > vocab): never pad categories with fake ids.
+    top_k = min([top_k] + [s.topk_ids_TK.shape[1] for s in samples if s.topk_ids_TK is not None]) if top_k else 0
     L = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     T = max(1, max(len(s.response_ids) for s in samples))
     ids_BL = torch.full((B, L), pad_id, dtype=torch.long)
@@ -95,16 +97,15 @@ def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> dict[str, to
         pos_BT[i, :t] = torch.arange(P - 1, P - 1 + t)
         resp_BT[i, :t] = torch.tensor(s.response_ids)
         mask_BT[i, :t] = 1
-        behave_BT[i, :t] = torch.from_numpy(s.behaviour_logprobs_T)
+        behave_BT[i, :t] = torch.from_numpy(np.array(s.behaviour_logprobs_T))
         shift_B[i] = s.advantage_shift
         weight_B[i] = s.weight
         if s.teacher_logprobs_T is not None:
-            teacher_BT[i, :t] = torch.from_numpy(s.teacher_logprobs_T)
+            teacher_BT[i, :t] = torch.from_numpy(np.array(s.teacher_logprobs_T))
             has_teacher_B[i] = 1
         if top_k and s.topk_ids_TK is not None:
-            k = min(top_k, s.topk_ids_TK.shape[1])
-            topk_ids[i, :t, :k] = torch.from_numpy(s.topk_ids_TK[:, :k].astype(np.int64))
-            topk_lp[i, :t, :k] = torch.from_numpy(s.topk_logprobs_TK[:, :k])
+            topk_ids[i, :t] = torch.from_numpy(s.topk_ids_TK[:, :top_k].astype(np.int64))
+            topk_lp[i, :t] = torch.from_numpy(np.array(s.topk_logprobs_TK[:, :top_k]))
             has_topk_B[i] = 1
     return dict(ids_BL=ids_BL, attn_BL=attn_BL, pos_BT=pos_BT, resp_BT=resp_BT, mask_BT=mask_BT,
                 behave_BT=behave_BT, teacher_BT=teacher_BT, has_teacher_B=has_teacher_B, shift_B=shift_B,
@@ -220,18 +221,25 @@ class Learner:
         chunks += [[]] * (self.grad_acc - len(chunks))
         agg: dict[str, float] = {}
         loss_total = 0.0
-        for chunk in chunks:
+        grad_norm = None
+        for i, chunk in enumerate(chunks):
             if chunk:
                 loss, stats = self._chunk_loss(chunk, batch.n_responses_total)
                 for k, v in stats.items():
-                    agg[k] = agg.get(k, 0.0) + v * (len(chunk) / max(1, len(shard)))
+                    # loss terms are already divided by the global response count: they add up;
+                    # rates (clip fraction, mismatch KL) are averaged by chunk size.
+                    wgt = 1.0 if k in _ADDITIVE else len(chunk) / max(1, len(shard))
+                    agg[k] = agg.get(k, 0.0) + v * wgt
             else:  # keep the accumulation boundary fixed: a zero loss touching every parameter
                 loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
             loss_total += float(loss.detach()) / self.W
             self.engine.backward(loss, scale_wrt_gas=False)
+            if i == len(chunks) - 1 and self.cfg.zero_stage < 2:
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
             self.engine.step()
         self.steps_done += 1
-        gn = self.engine.get_global_grad_norm()
+        gn = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
         dt = time.perf_counter() - t0
         self.busy_s += dt
         agg.update({"loss": loss_total, "lr": self.scheduler.get_last_lr()[0],
@@ -294,4 +302,5 @@ class Learner:
         return out_dir
 
 
+_ADDITIVE = ("pg_loss", "dist_loss")
 _DIST_KIND = {"reverse_kl_topk": "reverse_kl", "forward_kl_topk": "forward_kl", "jsd": "jsd"}

@@ -1,0 +1,1766 @@
+"""Code verifier: grade HumanEval/MBPP-style programs in a locked-down sandbox.
+
+A dataset row of the ``code`` domain has ``prompt`` (signature and docstring, or the
+problem text), ``tests`` (``def check(candidate): ...`` or plain ``assert`` lines) and
+``entry_point`` (the function's name). The model's response is code: a completion of the
+prompt or a whole function, possibly inside ```python fences. :func:`grade` answers
+``(correct, reason)`` in the shape every verifier of this package has; :func:`evaluate`
+answers the full :class:`CodeResult`; :func:`run_program` runs one untrusted program in
+the sandbox and returns what it did (exit status, capped output, timed out or not).
+
+Threat model
+============
+The response is hostile: written by a policy that is rewarded for passing, so any way of
+*looking* like a pass that is easier than solving the problem will be found (reward
+hacking), and any resource it can exhaust will be (by accident as often as not). It may
+print "all tests passed", exit with status 0 before the tests run (``os._exit(0)``,
+``sys.exit(0)``), raise ``SystemExit`` from inside the tests, monkeypatch builtins
+(``builtins.abs = lambda x: 0``), return an object whose ``__eq__`` is always true,
+redefine a helper that the tests call (HumanEval/32 ``poly``) or a ``check`` of its own,
+loop forever, fork-bomb, allocate without bound, fill the disk, write outside its
+directory, read secrets (environment, files, the answers in the dataset), open network
+connections, signal or kill the grader, or leave a daemon running. The dataset (prompt
+and tests) is trusted. The grader runs as root inside Ray actors (threaded processes).
+
+Where the verdict comes from (why it cannot be forged)
+======================================================
+Anything that runs in the same interpreter as the response can be subverted by it
+(exit early, patch builtins, patch the harness, find a secret in memory with ``gc``),
+so no in-process check, exit status or stdout marker can be trusted. The tests therefore
+do not run in the response's process. Two processes run under two different unprivileged
+uids:
+
+* the **solution** process executes ``prompt + response`` (the response alone when it
+  defines the entry point and the prompt is not code) and then serves calls: it receives
+  ``(function name, args, kwargs)`` and answers the return value or the exception;
+* the **judge** process executes only trusted text: the prompt (so the helpers the tests
+  call are the dataset's own, not a redefinition by the response) and the tests, with
+  the entry point (and any other solution name the tests reference that is neither a
+  builtin nor defined by the prompt) bound to a proxy that forwards the call.
+
+Values cross between the two in a small tagged binary format whose decoder only builds
+plain data (None, bool, int, float, complex, str, bytes, bytearray, list, tuple, dict,
+set, frozenset, range, Decimal, Fraction; an iterator comes back as an iterator over its
+items), never objects with methods of the response's choosing: an always-equal object
+cannot be sent, and monkeypatched builtins stay in the solution process. Only the judge
+holds the verdict pipe (an fd the solution process never has, in a process it may not
+signal, trace or read: another uid), and it writes the verdict -- with a per-run random
+nonce it received through a private pipe -- after ``check(candidate)`` returned, and only
+if the tests made at least one call. Exiting early, ``SystemExit`` from the candidate and
+the solution process dying all surface in the judge as a failed call (an exception of a
+class the tests cannot swallow with ``except Exception``). Without a verdict, with a wrong
+nonce, or with a judge that did not exit 0, the response is incorrect.
+
+Known semantic limits (the price of the split): arguments and return values must be plain
+data (a test that passes a lambda or an instance of a class to the candidate, or expects
+the candidate to mutate an argument in place, is answered ``unsupported``/``failed``);
+only the standard library is importable (the interpreter runs with ``-I -S``).
+
+Defences (each enforced by the kernel, checked by ``tests/test_code_verifier.py``)
+==================================================================================
+* Separate processes, started without ``preexec_fn`` (unsafe in threaded processes):
+  a small launcher (this file run as a script, ``python -I -S -B``) does the set-up.
+* Per-run uids: run slot *k* uses uids ``UID_BASE + 2k`` (solution) and ``+ 2k + 1``
+  (judge), ``UID_BASE`` = 61000 (env ``UNIOPD_SANDBOX_UID_BASE``). A slot is claimed by
+  binding an abstract unix socket, so concurrent runs (threads, Ray actors on the host)
+  never share a uid and a crashed grader frees its slot. Unprivileged uids are what make
+  ``RLIMIT_NPROC`` bite (root ignores it), stop the program from signalling the grader
+  or the judge, and keep it out of root's files. ``PR_SET_NO_NEW_PRIVS`` and ``nosuid``
+  mounts keep set-uid binaries from giving privileges back.
+* Namespaces (``unshare``): a new PID namespace whose init is the trusted supervisor --
+  when it exits the kernel kills every process left inside, daemonised or not -- a new
+  network namespace (no interface up: every ``connect``, even to 127.0.0.1, fails with
+  ENETUNREACH), a new mount namespace, IPC and UTS namespaces.
+* Filesystem: the programs are ``chroot``-ed into a fresh root made of read-only bind
+  mounts of ``/usr``, ``/etc``, the ``/lib*`` links and the Python prefix, a new ``/proc``
+  mounted ``hidepid=2`` (a program sees only its own processes), ``/dev/{null,zero,
+  full,random,urandom}``, and a size-capped tmpfs ``/tmp`` holding the working dirs
+  (``/tmp/s``, mode 0700, owned by the solution uid, is the only writable place). The
+  repository, the datasets, ``/root`` and the host's ``/tmp`` are not in the tree. The
+  tmpfs dies with the namespace, so nothing is left on disk. The chroot also stops the
+  program from creating a user namespace (the kernel refuses ``CLONE_NEWUSER`` to a
+  chrooted process), which would be the way to regain capabilities.
+* Resource limits, per process: ``RLIMIT_CPU`` (SIGXCPU, then SIGKILL one second later),
+  ``RLIMIT_AS``, ``RLIMIT_NPROC`` (fork bombs stop at ``max_processes``),
+  ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE = 0``, ``nice`` 10 and
+  ``oom_score_adj`` 1000. For the whole run: a memory cgroup (nested in the grader's
+  own cgroup) capping the total (``max_processes`` x ``RLIMIT_AS`` would otherwise be
+  the bound), where the cgroup filesystem is writable; and the wall-clock limit, on
+  whose expiry the grader SIGKILLs the launcher's process group (launcher and namespace
+  init, hence the namespace).
+* Clean environment: the programs get ``PATH``, ``LANG``, ``LC_ALL``, ``HOME`` and
+  ``TMPDIR`` only, stdin is ``/dev/null``, every other fd is closed, and ``-I`` makes
+  Python ignore ``PYTHON*`` variables and the user site.
+* Output is read continuously and capped (``max_output_bytes`` per stream; the rest is
+  drained and dropped), so a chatty program neither blocks nor fills memory.
+* Nothing is left behind: after every run, processes of the slot's uids are looked for
+  in ``/proc`` and killed (through pidfds, race-free) -- a backstop for the namespace --
+  and the cgroup and any host directory are removed.
+
+Degraded modes
+==============
+:func:`detect_isolation` probes the machine once (it runs a trivial program with each
+candidate set-up) and logs one warning for what is missing:
+
+* ``namespaces=False`` (no CAP_SYS_ADMIN, e.g. an unprivileged Docker container run as
+  root): no network isolation, no private filesystem view (the working dir is a host
+  temporary dir, removed afterwards, and files the slot uids left in ``/tmp``,
+  ``/var/tmp`` and ``/dev/shm`` are deleted), cleanup by killing every process of the
+  slot uids (the launcher is a child subreaper, so daemons re-parent to it).
+* ``setuid=False`` (not root): everything runs as the grader's user: no ``RLIMIT_NPROC``
+  containment, the program can signal the grader and read or write what the grader can,
+  and the judge is no longer protected from the solution, so the verdict is only as good
+  as the in-process harness. Use a root (or at least CAP_SETUID) container for RL.
+* ``cgroup=False``: no cap on the total memory of a run beyond the per-process limits.
+
+The tests skip the properties a degraded machine lacks, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# ======================================================================================
+# Part 1 -- code that runs inside the sandbox (launcher, namespace init, solution and
+# judge processes). It imports only ``os`` and ``sys`` at module level so that the
+# sandboxed interpreters start fast; part 2 (the grader's API) is below the dispatch.
+# ======================================================================================
+
+_MAX_DEPTH = 200  # nesting depth of a value that may cross the process boundary
+_MAX_ITER_ITEMS = 1_000_000  # an iterator returned by the candidate is materialised up to this
+
+
+class _Unencodable(TypeError):
+    pass
+
+
+def _encode(x: object, out: bytearray, depth: int = 0) -> None:
+    """Append the tagged binary encoding of plain-data value ``x`` to ``out``."""
+    if depth > _MAX_DEPTH:
+        raise _Unencodable("value nested too deeply")
+    t = type(x)
+    if x is None:
+        out += b"N"
+    elif t is bool:
+        out += b"T" if x else b"F"
+    elif t is int:
+        _put_text(out, b"i", str(x))
+    elif t is float:
+        _put_text(out, b"f", x.hex())
+    elif t is str:
+        _put_bytes(out, b"s", x.encode("utf-8", "surrogatepass"))
+    elif t is list:
+        _put_items(out, b"l", x, depth)
+    elif t is tuple:
+        _put_items(out, b"t", x, depth)
+    elif t is dict:
+        _put_count(out, b"d", len(x))
+        for k, v in x.items():
+            _encode(k, out, depth + 1)
+            _encode(v, out, depth + 1)
+    elif t is set:
+        _put_items(out, b"S", x, depth)
+    elif t is frozenset:
+        _put_items(out, b"Z", x, depth)
+    elif t is complex:
+        _put_text(out, b"c", x.real.hex() + " " + x.imag.hex())
+    elif t is bytes:
+        _put_bytes(out, b"b", x)
+    elif t is bytearray:
+        _put_bytes(out, b"B", bytes(x))
+    elif t is range:
+        _put_text(out, b"r", f"{x.start} {x.stop} {x.step}")
+    else:
+        _encode_other(x, out, depth)
+
+
+def _encode_other(x: object, out: bytearray, depth: int) -> None:
+    """Subclasses of the plain types and a few stdlib types, converted to plain data."""
+    mods = sys.modules
+    dec, frac = mods.get("decimal"), mods.get("fractions")
+    if dec is not None and isinstance(x, dec.Decimal):
+        _put_text(out, b"D", str(x))
+    elif frac is not None and isinstance(x, frac.Fraction):
+        _put_text(out, b"Q", f"{x.numerator} {x.denominator}")
+    elif isinstance(x, bool):
+        _encode(bool(x), out, depth)
+    elif isinstance(x, int):
+        _encode(int(x), out, depth)
+    elif isinstance(x, float):
+        _encode(float(x), out, depth)
+    elif isinstance(x, str):
+        _encode(str.__str__(x), out, depth)
+    elif isinstance(x, dict):  # OrderedDict, defaultdict, Counter
+        _encode(dict(x.items()), out, depth)
+    elif isinstance(x, list):
+        _encode(list(x), out, depth)
+    elif isinstance(x, tuple):  # namedtuple
+        _encode(tuple(x), out, depth)
+    elif isinstance(x, (set, frozenset)):
+        _encode(frozenset(x) if isinstance(x, frozenset) else set(x), out, depth)
+    elif hasattr(type(x), "__next__") and hasattr(type(x), "__iter__"):  # generator, map, zip...
+        items = []
+        for item in x:  # type: ignore[attr-defined]
+            items.append(item)
+            if len(items) > _MAX_ITER_ITEMS:
+                raise _Unencodable("iterator too long")
+        _put_items(out, b"I", items, depth)
+    else:
+        raise _Unencodable(
+            f"a {type(x).__name__} cannot cross to the tests: only plain data (numbers, strings, "
+            "bytes, lists, tuples, dicts, sets, ...) can"
+        )
+
+
+def _put_count(out: bytearray, tag: bytes, n: int) -> None:
+    out += tag
+    out += n.to_bytes(4, "big")
+
+
+def _put_bytes(out: bytearray, tag: bytes, data: bytes) -> None:
+    _put_count(out, tag, len(data))
+    out += data
+
+
+def _put_text(out: bytearray, tag: bytes, text: str) -> None:
+    _put_bytes(out, tag, text.encode("ascii"))
+
+
+def _put_items(out: bytearray, tag: bytes, items, depth: int) -> None:
+    items = list(items)
+    _put_count(out, tag, len(items))
+    for v in items:
+        _encode(v, out, depth + 1)
+
+
+def encode_value(x: object) -> bytes:
+    """Encode plain data; raises TypeError for anything else."""
+    out = bytearray()
+    _encode(x, out)
+    return bytes(out)
+
+
+class _Decoder:
+    """Strict decoder of :func:`encode_value`'s format: builds plain data and nothing else."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def _take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ValueError("truncated value")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def _count(self) -> int:
+        n = int.from_bytes(self._take(4), "big")
+        if n > len(self.data) - self.pos:  # every item takes at least one byte
+            raise ValueError("bad length")
+        return n
+
+    def _text(self) -> str:
+        return self._take(self._count()).decode("ascii")
+
+    def value(self, depth: int = 0) -> object:
+        if depth > _MAX_DEPTH:
+            raise ValueError("value nested too deeply")
+        tag = self._take(1)
+        if tag == b"N":
+            return None
+        if tag == b"T":
+            return True
+        if tag == b"F":
+            return False
+        if tag == b"i":
+            text = self._text()
+            if not text.lstrip("-").isdigit():
+                raise ValueError("bad int")
+            return int(text)
+        if tag == b"f":
+            return float.fromhex(self._text())
+        if tag == b"s":
+            return self._take(self._count()).decode("utf-8", "surrogatepass")
+        if tag in (b"l", b"t", b"S", b"Z", b"I"):
+            items = [self.value(depth + 1) for _ in range(self._count())]
+            if tag == b"l":
+                return items
+            if tag == b"t":
+                return tuple(items)
+            if tag == b"S":
+                return set(items)
+            if tag == b"Z":
+                return frozenset(items)
+            return iter(items)
+        if tag == b"d":
+            n = self._count()
+            result = {}
+            for _ in range(n):
+                k = self.value(depth + 1)
+                result[k] = self.value(depth + 1)
+            return result
+        if tag == b"c":
+            re_, im = self._text().split(" ")
+            return complex(float.fromhex(re_), float.fromhex(im))
+        if tag == b"b":
+            return self._take(self._count())
+        if tag == b"B":
+            return bytearray(self._take(self._count()))
+        if tag == b"r":
+            start, stop, step = (int(v) for v in self._text().split(" "))
+            return range(start, stop, step)
+        if tag == b"D":
+            import decimal
+
+            return decimal.Decimal(self._text())
+        if tag == b"Q":
+            import fractions
+
+            num, den = (int(v) for v in self._text().split(" "))
+            return fractions.Fraction(num, den)
+        raise ValueError(f"unknown tag {tag!r}")
+
+
+def decode_value(data: bytes) -> object:
+    """Decode :func:`encode_value`'s output; raises ValueError (or TypeError) on bad input."""
+    dec = _Decoder(bytes(data))
+    value = dec.value()
+    if dec.pos != len(dec.data):
+        raise ValueError("trailing bytes")
+    return value
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _send_msg(fd: int, payload: bytes) -> None:
+    _write_all(fd, len(payload).to_bytes(4, "big") + payload)
+
+
+def _recv_msg(fd: int, limit: int) -> bytes:
+    n = int.from_bytes(_read_exact(fd, 4), "big")
+    if n > limit:
+        raise ValueError(f"message of {n} bytes over the {limit}-byte limit")
+    return _read_exact(fd, n)
+
+
+def _read_to_eof(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# --- the solution process ---------------------------------------------------------------
+
+_SOL_RFD, _SOL_WFD = 3, 4  # requests in, replies out
+_JUDGE_RFD, _JUDGE_WFD, _JUDGE_VERDICT_FD, _JUDGE_CFG_FD = 3, 4, 5, 6
+
+
+def _describe_exception(e: BaseException) -> tuple:
+    """(nearest builtin base name, class name, message, where) of an exception."""
+    import builtins
+
+    base = "Exception"
+    try:
+        for klass in type(e).__mro__:
+            if getattr(builtins, klass.__name__, None) is klass and issubclass(klass, BaseException):
+                base = klass.__name__
+                break
+    except Exception:  # noqa: BLE001 - hostile classes may break introspection
+        pass
+    try:
+        msg = str(e)[:500]
+    except BaseException:  # noqa: BLE001
+        msg = "<unprintable>"
+    where = ""
+    try:
+        tb = e.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == "solution.py":
+                where = f"solution.py:{tb.tb_lineno}"
+            tb = tb.tb_next
+    except Exception:  # noqa: BLE001
+        pass
+    return (base, type(e).__name__[:100], msg, where)
+
+
+def _solution_main() -> int:
+    """Execute the solution, announce its names, then answer calls until EOF."""
+    import builtins
+
+    limit = int(os.environ.get("UNIOPD_MAX_MESSAGE", str(1 << 24)))
+    ns: dict = {"__name__": "solution", "__builtins__": builtins, "__file__": "solution.py"}
+    try:
+        with open("solution.py", encoding="utf-8", errors="surrogateescape") as f:
+            source = f.read()
+        exec(compile(source, "solution.py", "exec"), ns)
+    except BaseException as e:  # noqa: BLE001 - reported to the judge, whatever it is
+        _send_msg(_SOL_WFD, encode_value(("error", _describe_exception(e))))
+        return 0
+    names = {}
+    for name, value in list(ns.items()):
+        if name.startswith("__"):
+            continue
+        try:
+            if type(value).__name__ == "module":
+                names[name] = ("module", str(value.__name__))
+            elif callable(value):
+                names[name] = ("callable",)
+            else:
+                names[name] = ("value", encode_value(value))
+        except Exception:  # noqa: BLE001 - an unencodable global is simply not offered
+            continue
+    _send_msg(_SOL_WFD, encode_value(("ok", names)))
+    while True:
+        try:
+            request = decode_value(_recv_msg(_SOL_RFD, limit))
+        except EOFError:
+            return 0
+        name, args, kwargs = request  # type: ignore[misc]
+        try:
+            fn = ns.get(name)
+            if fn is None:
+                raise NameError(f"name {name!r} is not defined")
+            reply = encode_value(("r", fn(*args, **kwargs)))
+        except BaseException as e:  # noqa: BLE001 - SystemExit included: it is an answer
+            reply = encode_value(("e", _describe_exception(e)))
+        _send_msg(_SOL_WFD, reply)
+
+
+# --- the judge process --------------------------------------------------------------------
+
+
+class _SolutionGone(BaseException):
+    """The solution process exited or died; BaseException so ``except Exception`` in tests misses it."""
+
+
+class _ProtocolError(BaseException):
+    """The solution process answered something that is not a well-formed reply."""
+
+
+class _Unsupported(BaseException):
+    """The tests pass something that cannot cross to the solution process."""
+
+
+class _SolutionAbort(BaseException):
+    """The candidate raised a BaseException that is not an Exception (SystemExit, ...)."""
+
+
+class _FromSolution:
+    """Mixin marking an exception re-raised in the judge from the solution process."""
+
+    where = ""
+
+
+def _judge_main() -> int:
+    """Run the trusted prompt and tests against proxies; write the verdict last."""
+    import builtins
+    import marshal
+
+    cfg = marshal.loads(_read_to_eof(_JUDGE_CFG_FD))
+    os.close(_JUDGE_CFG_FD)
+    nonce: str = cfg["nonce"]
+    entry_point: str | None = cfg["entry_point"]
+    prompt: str = cfg["prompt"]
+    tests: str = cfg["tests"]
+    limit: int = cfg["max_message"]
+    exc_classes: dict = {}
+    state = {"calls": 0, "gone": False, "broken": False, "aborted": False}
+
+    def finish(status: str, detail: str) -> int:
+        body = detail.encode("utf-8", "replace")[:8192]
+        _write_all(_JUDGE_VERDICT_FD, f"JUDGE {nonce} {status} {len(body)}\n".encode() + body)
+        os.close(_JUDGE_VERDICT_FD)
+        os._exit(0)
+
+    def recv():
+        if state["gone"]:
+            raise _SolutionGone("the solution process is gone")
+        try:
+            return decode_value(_recv_msg(_JUDGE_RFD, limit))
+        except EOFError:
+            state["gone"] = True
+            raise _SolutionGone("the solution process exited or died") from None
+        except Exception as e:  # noqa: BLE001
+            state["broken"] = True
+            raise _ProtocolError(f"malformed reply from the solution process: {e}") from None
+
+    def exc_class(base_name: str, name: str) -> type:
+        base = getattr(builtins, base_name, Exception)
+        if not (isinstance(base, type) and issubclass(base, BaseException)):
+            base = Exception
+        if not issubclass(base, Exception):
+            return _SolutionAbort
+        key = (base, name)
+        if key not in exc_classes:
+            try:
+                exc_classes[key] = type(name if name.isidentifier() else base.__name__, (base, _FromSolution), {})
+            except TypeError:  # a builtin with an incompatible layout
+                exc_classes[key] = type(base.__name__, (Exception, _FromSolution), {})
+        return exc_classes[key]
+
+    def call(name: str, args: tuple, kwargs: dict):
+        try:
+            request = encode_value((name, list(args), dict(kwargs)))
+        except TypeError as e:
+            raise _Unsupported(f"the tests pass a value that cannot cross to the solution: {e}") from None
+        if state["gone"]:
+            raise _SolutionGone("the solution process is gone")
+        state["calls"] += 1
+        try:
+            _send_msg(_JUDGE_WFD, request)
+        except OSError:
+            state["gone"] = True
+            raise _SolutionGone("the solution process exited or died") from None
+        reply = recv()
+        if not (type(reply) is tuple and len(reply) == 2 and reply[0] in ("r", "e")):
+            state["broken"] = True
+            raise _ProtocolError("malformed reply from the solution process")
+        if reply[0] == "r":
+            return reply[1]
+        info = reply[1]
+        if not (type(info) is tuple and len(info) == 4 and all(type(v) is str for v in info)):
+            state["broken"] = True
+            raise _ProtocolError("malformed exception from the solution process")
+        base_name, class_name, msg, where = info
+        klass = exc_class(base_name, class_name)
+        if klass is _SolutionAbort:
+            state["aborted"] = True
+            raise _SolutionAbort(f"{class_name}({msg})" + (f" at {where}" if where else ""))
+        try:
+            err = klass(msg)
+        except Exception:  # noqa: BLE001 - e.g. UnicodeDecodeError wants five arguments
+            err = exc_class("Exception", class_name)(msg)
+        err.where = where
+        raise err
+
+    def proxy(name: str):
+        def candidate(*args, **kwargs):
+            return call(name, args, kwargs)
+
+        candidate.__name__ = candidate.__qualname__ = name
+        return candidate
+
+    def referenced(code) -> set:
+        names = set(code.co_names)
+        for const in code.co_consts:
+            if type(const) is type(code):
+                names |= referenced(const)
+        return names
+
+    def describe(e: BaseException) -> str:
+        line = ""
+        tb = e.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == "tests.py":
+                lineno = tb.tb_lineno
+                lines = tests.splitlines()
+                src = lines[lineno - 1].strip() if 0 < lineno <= len(lines) else ""
+                line = f" at tests.py:{lineno}: {src[:300]}"
+            tb = tb.tb_next
+        where = getattr(e, "where", "")
+        msg = str(e)[:500]
+        return f"{type(e).__name__}{': ' + msg if msg else ''}{line}{' (raised at ' + where + ')' if where else ''}"
+
+    # 1. the solution's definitions
+    try:
+        hello = recv()
+    except _SolutionGone:
+        return finish("crashed", "the solution process exited before its definitions were complete")
+    except _ProtocolError as e:
+        return finish("error", str(e))
+    if not (type(hello) is tuple and len(hello) == 2 and hello[0] in ("ok", "error")):
+        return finish("error", "malformed hello from the solution process")
+    if hello[0] == "error":
+        info = hello[1]
+        base_name = info[0] if type(info) is tuple and info and type(info[0]) is str else "Exception"
+        text = " ".join(str(v) for v in info[1:]) if type(info) is tuple else ""
+        if base_name in ("SyntaxError", "IndentationError", "TabError"):
+            return finish("syntax_error", text)
+        if base_name == "MemoryError":
+            return finish("memory", text)
+        return finish("error", f"while defining the solution: {text}")
+    offered = hello[1] if type(hello[1]) is dict else {}
+
+    # 2. the trusted namespace: the prompt's own definitions, then proxies
+    ns: dict = {"__name__": "__main__", "__builtins__": builtins}
+    try:
+        prompt_code = compile(prompt, "prompt.py", "exec") if prompt else None
+    except (SyntaxError, ValueError):
+        prompt_code = None
+    if prompt_code is not None:
+        try:
+            exec(prompt_code, ns)
+        except Exception:  # noqa: BLE001 - prose that happens to parse, a missing import...
+            pass
+    prompt_names = set(ns)
+    try:
+        tests_code = compile(tests, "tests.py", "exec")
+    except (SyntaxError, ValueError) as e:
+        return finish("harness_error", f"the tests do not compile: {e}")
+    if entry_point:
+        if type(offered.get(entry_point)) is not tuple or offered[entry_point][:1] != ("callable",):
+            return finish("error", f"the solution does not define a function {entry_point!r}")
+    builtin_names = set(dir(builtins))
+    for name in referenced(tests_code):
+        kind = offered.get(name)
+        if type(kind) is not tuple or not kind or type(name) is not str:
+            continue
+        if name.startswith("__") or name in builtin_names or name in prompt_names:
+            continue  # never let the solution shadow a builtin or a dataset helper
+        if kind[0] == "callable":
+            ns[name] = proxy(name)
+        elif kind[0] == "module" and len(kind) == 2 and type(kind[1]) is str:
+            top = kind[1].split(".")[0]
+            if top in sys.stdlib_module_names:
+                try:
+                    __import__(kind[1])
+                    ns[name] = sys.modules[kind[1]]
+                except Exception:  # noqa: BLE001
+                    pass
+        elif kind[0] == "value" and len(kind) == 2 and type(kind[1]) is bytes:
+            try:
+                ns[name] = decode_value(kind[1])
+            except Exception:  # noqa: BLE001
+                pass
+    candidate = proxy(entry_point) if entry_point else None
+    if entry_point:
+        ns[entry_point] = candidate
+
+    # 3. the tests; the verdict is written only after they returned
+    try:
+        exec(tests_code, ns)
+        check = ns.get("check")
+        if candidate is not None and type(check) is type(proxy) and check.__code__.co_filename == "tests.py":
+            check(candidate)
+    except _SolutionGone as e:
+        return finish("crashed", str(e))
+    except _ProtocolError as e:
+        return finish("error", str(e))
+    except _Unsupported as e:
+        return finish("unsupported", str(e))
+    except _SolutionAbort as e:
+        return finish("error", f"the candidate raised {e}")
+    except BaseException as e:  # noqa: BLE001 - any other failure of the tests fails the response
+        if isinstance(e, _FromSolution):
+            return finish("memory" if isinstance(e, MemoryError) else "error", describe(e))
+        return finish("failed", describe(e))
+    if state["gone"]:
+        return finish("crashed", "the solution process died during the tests")
+    if state["broken"]:
+        return finish("error", "the solution process sent malformed replies")
+    if state["aborted"]:
+        return finish("error", "the candidate raised SystemExit/KeyboardInterrupt during the tests")
+    if state["calls"] == 0:
+        return finish("no_tests", "the tests never called the solution")
+    return finish("passed", f"{state['calls']} calls")
+
+
+# --- the launcher and the namespace init (run as root, trusted) ---------------------------
+
+_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+_CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 36, 38
+_ROOT_TOP = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+_NEWROOT = "/tmp"  # mount point of the new root, inside the private mount namespace only
+_CHILD_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class _Libc:
+    def __init__(self) -> None:
+        import ctypes
+
+        self.ctypes = ctypes
+        self.lib = ctypes.CDLL(None, use_errno=True)
+
+    def check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            err = self.ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def unshare(self, flags: int) -> None:
+        self.check(self.lib.unshare(self.ctypes.c_int(flags)), "unshare")
+
+    def mount(self, src: str | None, dst: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+        enc = lambda s: None if s is None else s.encode()  # noqa: E731
+        rc = self.lib.mount(enc(src), enc(dst), enc(fstype), self.ctypes.c_ulong(flags), enc(data))
+        self.check(rc, f"mount {fstype or src} on {dst}")
+
+    def prctl(self, option: int, arg: int) -> None:
+        c_ulong = self.ctypes.c_ulong
+        self.check(self.lib.prctl(option, c_ulong(arg), c_ulong(0), c_ulong(0), c_ulong(0)), f"prctl {option}")
+
+    def sethostname(self, name: str) -> None:
+        self.check(self.lib.sethostname(name.encode(), len(name)), "sethostname")
+
+
+def _launcher_main() -> int:
+    """Read the job (marshal, from the trusted grader), set up isolation, run, report."""
+    import marshal
+    import signal
+
+    job = marshal.loads(_read_to_eof(0))
+    libc = _Libc()
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the grader's thread
+    if os.getppid() != job["parent_pid"]:
+        return 1
+    vfd = job["verdict_fd"]
+    try:
+        for procs in job["cgroup_procs"]:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        if job["namespaces"]:
+            libc.unshare(_CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWUTS)
+            alive_r, alive_w = os.pipe()  # EOF on alive_r once the launcher is gone
+            pid = os.fork()  # the first child is pid 1 of the new PID namespace
+            if pid == 0:
+                try:
+                    # (getppid() is 0 across the namespace boundary, hence the pipe)
+                    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+                    os.close(alive_w)
+                    import select
+
+                    if select.select([alive_r], [], [], 0)[0]:
+                        os._exit(1)
+                    os.close(alive_r)
+                    _init_main(job, libc)
+                except BaseException as e:  # noqa: BLE001
+                    _report(vfd, f"ERROR init: {type(e).__name__}: {e}")
+                os._exit(1)
+            os.close(alive_r)
+            _, status = os.waitpid(pid, 0)
+            os.close(alive_w)
+            return os.waitstatus_to_exitcode(status) if status else 0
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans (daemons) re-parent to us
+        _init_main(job, libc)
+    except BaseException as e:  # noqa: BLE001
+        _report(vfd, f"ERROR launcher: {type(e).__name__}: {e}")
+        return 1
+    return 0
+
+
+def _report(fd: int, line: str) -> None:
+    try:
+        _write_all(fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def _build_root(job: dict, libc: _Libc) -> None:
+    """Private mount namespace: a read-only skeleton root with a fresh tmpfs /tmp."""
+    libc.mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    r = _NEWROOT
+    tops = [p for p in _ROOT_TOP if os.path.lexists(p)]
+    extra = [p for p in job["binds"] if not any(p == t or p.startswith(t + "/") for t in tops)]
+    sources = {}
+    for path in [p for p in tops if not os.path.islink(p)] + extra:
+        sources[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    for dev in _DEVICES:
+        if os.path.exists(f"/dev/{dev}"):
+            sources[f"/dev/{dev}"] = os.open(f"/dev/{dev}", os.O_PATH | os.O_CLOEXEC)
+    libc.mount("uniopd-root", r, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
+    for path in tops:
+        if os.path.islink(path):
+            os.symlink(os.readlink(path), r + path)
+    for path, fd in sources.items():
+        target = r + path
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID
+        if path.startswith("/dev/"):
+            open(target, "w").close()
+        else:
+            os.makedirs(target, mode=0o755, exist_ok=True)
+            flags |= _MS_NODEV
+        libc.mount(f"/proc/self/fd/{fd}", target, None, _MS_BIND | _MS_REC)
+        libc.mount(None, target, None, flags)
+        os.close(fd)
+    for name, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                       ("stderr", "/proc/self/fd/2")):
+        os.symlink(dest, f"{r}/dev/{name}")
+    os.mkdir(r + "/proc", 0o555)
+    try:
+        libc.mount("proc", r + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=2")
+    except OSError:
+        libc.mount("proc", r + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    os.mkdir(r + "/tmp", 0o755)
+    lim = job["limits"]
+    libc.mount("uniopd-tmp", r + "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
+               f"size={lim['tmpfs_bytes']},nr_inodes={lim['tmpfs_inodes']},mode=755")
+    try:
+        libc.sethostname("sandbox")
+    except OSError:
+        pass
+
+
+def _init_main(job: dict, libc: _Libc) -> None:
+    """Supervisor: pid 1 of the namespace (or the subreaper launcher without namespaces)."""
+    import signal
+    import time
+
+    vfd = job["verdict_fd"]
+    with open(job["harness"], "rb") as f:
+        harness = f.read()
+    ns_mode = job["namespaces"]
+    if ns_mode:
+        _build_root(job, libc)
+        root, base = _NEWROOT, "/tmp"
+    else:
+        root, base = None, job["host_dir"]
+    host_base = (root or "") + base
+    uids = job["uids"]  # [solution uid, judge uid] or None
+    os.makedirs(host_base + "/h", mode=0o755, exist_ok=True)
+    with open(host_base + "/h/code.py", "wb") as f:
+        f.write(harness)
+    dirs = {}
+    for i, role in enumerate(("s", "j")):
+        d = f"{host_base}/{role}"
+        os.mkdir(d, 0o700)
+        if uids:
+            os.chown(d, uids[i], uids[i])
+        dirs[role] = d
+    with open(dirs["s"] + "/" + job["filename"], "wb") as f:
+        f.write(job["source"].encode("utf-8", "surrogateescape"))
+    if uids:
+        os.chown(dirs["s"] + "/" + job["filename"], uids[0], uids[0])
+    if ns_mode:
+        libc.mount(None, root, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+
+    python = job["python"]
+    harness_path = base + "/h/code.py"
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    judge_mode = job["mode"] == "judge"
+    if judge_mode:
+        req_r, req_w = os.pipe()  # judge -> solution
+        rep_r, rep_w = os.pipe()  # solution -> judge
+        spid = _spawn(job, libc, uids[0] if uids else None, root, base + "/s",
+                      [python, "-I", "-S", "-B", harness_path, "solution"],
+                      {0: devnull, 1: 1, 2: 2, _SOL_RFD: req_r, _SOL_WFD: rep_w})
+        cfg_r, cfg_w = os.pipe()
+        jpid = _spawn(job, libc, uids[1] if uids else None, root, base + "/j",
+                      [python, "-I", "-S", "-B", harness_path, "judge"],
+                      {0: devnull, 1: 1, 2: 2, _JUDGE_RFD: rep_r, _JUDGE_WFD: req_w,
+                       _JUDGE_VERDICT_FD: vfd, _JUDGE_CFG_FD: cfg_r})
+        for fd in (req_r, req_w, rep_r, rep_w, cfg_r):
+            os.close(fd)
+        import marshal
+
+        try:
+            _write_all(cfg_w, marshal.dumps(job["judge"]))
+        except OSError:
+            pass
+        os.close(cfg_w)
+        primary = jpid
+    else:
+        spid = _spawn(job, libc, uids[0] if uids else None, root, base + "/s",
+                      [python, "-I", "-S", "-B", job["filename"]], {0: devnull, 1: 1, 2: 2})
+        jpid = None
+        primary = spid
+    os.close(devnull)
+
+    statuses: dict[int, int] = {}
+    while primary not in statuses:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        statuses[pid] = status
+    if judge_mode and spid not in statuses:  # the solution exits on EOF once the judge is done
+        deadline = time.monotonic() + 0.25
+        while spid not in statuses and time.monotonic() < deadline:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                statuses[pid] = status
+            else:
+                time.sleep(0.002)
+    # Kill everything that is left, then reap it.
+    if ns_mode:
+        if os.getpid() == 1:  # never kill(-1) as root outside a PID namespace
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    else:
+        for _ in range(50):
+            if uids:
+                for uid in uids:
+                    _kill_uid(uid)
+            children = _children_of(os.getpid())
+            for pid in children:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.005)
+            _reap(statuses, block=False)
+            if not children and not _children_of(os.getpid()):
+                break
+    _reap(statuses, block=ns_mode)
+    fmt = lambda pid: str(statuses[pid]) if pid in statuses else "-"  # noqa: E731
+    _report(vfd, f"INIT {fmt(spid)} {fmt(jpid) if jpid else '-'}")
+    os.close(vfd)
+    os._exit(0)
+
+
+def _reap(statuses: dict, block: bool) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        statuses[pid] = status
+
+
+def _children_of(ppid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+                if int(stat.rsplit(b")", 1)[1].split()[1]) == ppid:
+                    out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of ``uid``: a helper drops to that uid and calls kill(-1)."""
+    import signal
+
+    if not uid or uid <= 0:
+        return
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            if os.getuid() == uid and os.geteuid() == uid and uid != 0:
+                for _ in range(3):
+                    try:
+                        os.kill(-1, signal.SIGKILL)
+                    except ProcessLookupError:
+                        break
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _spawn(job: dict, libc: _Libc, uid: int | None, root: str | None, cwd: str, argv: list, fds: dict) -> int:
+    import resource
+
+    lim = job["limits"]
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        # fds: move every source out of the way, then into place, then close the rest
+        top = max(list(fds) + list(fds.values())) + 1
+        tmp = {}
+        for i, (target, source) in enumerate(fds.items()):
+            tmp[target] = os.dup2(source, top + i, inheritable=False)
+        for target, fd in tmp.items():
+            os.dup2(fd, target, inheritable=True)
+        for fd in range(3, max(fds) + 1):
+            if fd not in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        os.closerange(max(fds) + 1, 65536)
+        os.setsid()
+        if root:
+            os.chroot(root)
+        os.chdir(cwd)
+        os.nice(10)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")
+        except OSError:
+            pass
+        cpu = int(lim["cpu_seconds"])
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (lim["memory_bytes"], lim["memory_bytes"]))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (lim["max_file_bytes"], lim["max_file_bytes"]))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        if uid is not None:
+            resource.setrlimit(resource.RLIMIT_NPROC, (lim["max_processes"], lim["max_processes"]))
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            if os.getuid() != uid or os.geteuid() != uid:
+                os._exit(126)
+        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        env = {"PATH": _CHILD_ENV_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": cwd, "TMPDIR": cwd,
+               "UNIOPD_MAX_MESSAGE": str(lim["max_message_bytes"])}
+        os.execve(argv[0], argv, env)
+    except BaseException as e:  # noqa: BLE001
+        try:
+            os.write(2, f"sandbox: cannot start {argv[-1]}: {e}\n".encode())
+        finally:
+            os._exit(127)
+    os._exit(127)
+
+
+if __name__ == "__main__":
+    _role = sys.argv[1] if len(sys.argv) > 1 else ""
+    if _role == "solution":
+        sys.exit(_solution_main())
+    if _role == "judge":
+        sys.exit(_judge_main())
+    if _role == "launch":
+        sys.exit(_launcher_main())
+    sys.exit(f"usage: {sys.argv[0]} launch|solution|judge")
+
+
+# ======================================================================================
+# Part 2 -- the grader's API (runs in the verifier actor).
+# ======================================================================================
+
+import ast  # noqa: E402
+import functools  # noqa: E402
+import hmac  # noqa: E402
+import logging  # noqa: E402
+import marshal  # noqa: E402
+import re  # noqa: E402
+import secrets  # noqa: E402
+import selectors  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from dataclasses import asdict, dataclass, replace  # noqa: E402
+from typing import Any, Literal  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+UID_BASE = int(os.environ.get("UNIOPD_SANDBOX_UID_BASE", "61000"))
+N_SLOTS = 128
+_HARNESS = os.path.abspath(__file__)
+
+Reason = Literal[
+    "passed",  # the judge ran the tests to the end, with at least one call of the solution
+    "failed",  # an assertion (or other error) in the tests
+    "error",  # the solution raised, or is missing the entry point, or sent garbage
+    "syntax_error",  # the solution does not compile
+    "timeout",  # wall-clock or CPU limit
+    "memory",  # MemoryError or the memory cgroup's OOM killer
+    "crashed",  # the solution process exited or died before the tests were done
+    "no_code",  # nothing that looks like code in the response
+    "no_tests",  # the tests never called the solution (a dataset problem)
+    "unsupported",  # the tests pass a non-data value to the solution (see the module doc)
+    "harness_error",  # the sandbox itself failed: a bug or a misconfigured machine
+]
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Limits of one run. Memory is per process (RLIMIT_AS); ``total_memory_bytes`` (default
+    twice ``memory_bytes``) caps the whole run where a memory cgroup is available."""
+
+    wall_seconds: float = 5.0
+    cpu_seconds: int = 5
+    memory_bytes: int = 512 * 2**20
+    max_processes: int = 16
+    max_output_bytes: int = 64 * 1024
+    max_file_bytes: int = 1 * 2**20
+    tmpfs_bytes: int = 16 * 2**20
+    tmpfs_inodes: int = 2048
+    max_message_bytes: int = 16 * 2**20
+    total_memory_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """Which kernel mechanisms a run uses (see "Degraded modes" in the module doc)."""
+
+    namespaces: bool = True
+    setuid: bool = True
+    cgroup: bool = True
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one sandboxed program did. ``returncode`` is None when the run timed out or the
+    sandbox failed; negative for a signal (as in subprocess)."""
+
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    seconds: float
+    oom_killed: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    sandbox_error: str = ""
+
+
+@dataclass(frozen=True)
+class CodeResult:
+    correct: bool
+    reason: Reason
+    detail: str
+    seconds: float
+
+
+# --- isolation detection ---------------------------------------------------------------
+
+_detect_lock = threading.Lock()
+_detected: Isolation | None = None
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str, *args: object) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg, *args)
+
+
+def _python() -> str:
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _world_executable(path: str) -> bool:
+    """Whether an unprivileged uid can execute ``path`` (every directory on the way searchable)."""
+    path = os.path.realpath(path)
+    try:
+        if not os.stat(path).st_mode & 0o001:
+            return False
+        d = os.path.dirname(path)
+        while True:
+            if not os.stat(d).st_mode & 0o001:
+                return False
+            if d == "/":
+                return True
+            d = os.path.dirname(d)
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _sandbox_python(isolation: Isolation) -> str:
+    """The interpreter the programs run with: the grader's own (bound into the new root with
+    namespaces); without namespaces, a world-executable one of the same version if the
+    grader's lives where other uids cannot reach (pyenv under /root)."""
+    exe = _python()
+    if isolation.namespaces or not isolation.setuid or _world_executable(exe):
+        return exe
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for d in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for name in (f"python{version}", "python3"):
+            cand = os.path.join(d, name)
+            if os.path.exists(cand) and _world_executable(cand):
+                try:
+                    out = subprocess.run([cand, "-I", "-S", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                         capture_output=True, text=True, timeout=10)
+                except (OSError, subprocess.SubprocessError):
+                    continue
+                if out.stdout.strip() == version:
+                    return os.path.realpath(cand)
+    return exe
+
+
+def _binds() -> list[str]:
+    exe = _python()
+    paths = [os.path.realpath(sys.base_prefix), os.path.dirname(exe)]
+    out: list[str] = []
+    for p in paths:
+        if p != "/" and os.path.isdir(p) and not any(p == q or p.startswith(q + "/") for q in out):
+            out.append(p)
+    return out
+
+
+def detect_isolation(refresh: bool = False) -> Isolation:
+    """The strongest isolation that works here, probed once per process (about 0.2 s)."""
+    global _detected
+    with _detect_lock:
+        if _detected is not None and not refresh:
+            return _detected
+        root = os.geteuid() == 0
+        cgroup = root and os.environ.get("UNIOPD_SANDBOX_NO_CGROUP", "") in ("", "0") and _cgroup_base() is not None
+        candidates = []
+        if root:
+            candidates += [Isolation(True, True, cgroup), Isolation(False, True, cgroup)]
+        candidates.append(Isolation(False, False, False))
+        limits = SandboxLimits(wall_seconds=10.0)
+        chosen = candidates[-1]
+        for iso in candidates:
+            try:
+                res = _run(_program_job("import sys; sys.stdout.write('ok')"), limits, iso).result
+            except Exception as e:  # noqa: BLE001
+                logger.debug("sandbox probe %s raised %s", iso, e)
+                continue
+            if res.returncode == 0 and res.stdout == b"ok":
+                chosen = iso
+                break
+            if iso.cgroup:  # maybe only the cgroup is the problem
+                try:
+                    res = _run(_program_job("import sys; sys.stdout.write('ok')"), limits,
+                               replace(iso, cgroup=False)).result
+                    if res.returncode == 0 and res.stdout == b"ok":
+                        chosen = replace(iso, cgroup=False)
+                        break
+                except Exception:  # noqa: BLE001
+                    pass
+            logger.debug("sandbox probe %s failed: %r %r", iso, res.sandbox_error, res.stderr[-500:])
+        if not chosen.namespaces:
+            _warn_once("ns", "code sandbox: no namespaces (need root with CAP_SYS_ADMIN): programs are NOT "
+                       "network-isolated and see the host filesystem; see actors/verifiers/code.py")
+        if not chosen.setuid:
+            _warn_once("uid", "code sandbox: not root, programs run as the grader's own user: no fork-bomb "
+                       "containment, they can signal the grader, and verdicts are forgeable")
+        if chosen.setuid and not chosen.cgroup:
+            _warn_once("cg", "code sandbox: no memory cgroup: a run's total memory is bounded only by "
+                       "max_processes x memory_bytes")
+        logger.info("code sandbox isolation: %s", chosen)
+        _detected = chosen
+        return chosen
+
+
+# --- run slots (uids) -----------------------------------------------------------------
+
+
+class _Slot:
+    def __init__(self, index: int, sock: socket.socket) -> None:
+        self.index = index
+        self.sock = sock
+        self.uids = (UID_BASE + 2 * index, UID_BASE + 2 * index + 1)
+
+    def release(self) -> None:
+        self.sock.close()
+
+
+def _acquire_slot() -> _Slot:
+    order = list(range(N_SLOTS))
+    start = secrets.randbelow(N_SLOTS)
+    for i in order[start:] + order[:start]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(f"\0uniopd-sandbox-{UID_BASE}-{i}")
+        except OSError:
+            sock.close()
+            continue
+        slot = _Slot(i, sock)
+        if _processes_of(slot.uids):  # left by a grader that died, or a foreign user
+            _warn_once(f"busy{i}", "code sandbox: uids %s have live processes; skipping that slot", slot.uids)
+            sock.close()
+            continue
+        return slot
+    raise RuntimeError("code sandbox: all run slots are busy")
+
+
+def _processes_of(uids: tuple[int, ...]) -> list[int]:
+    """Pids whose real, effective or saved uid is one of ``uids`` (reads /proc/*/status)."""
+    wanted = {str(u).encode() for u in uids}
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        i = data.find(b"\nUid:")
+        if i >= 0 and wanted.intersection(data[i + 5 : data.find(b"\n", i + 1)].split()[:3]):
+            out.append(int(name))
+    return out
+
+
+def _kill_processes_of(uids: tuple[int, ...], timeout: float = 2.0) -> int:
+    """SIGKILL (via pidfds, so a recycled pid is never hit) every process of ``uids``."""
+    killed = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = _processes_of(uids)
+        if not pids or time.monotonic() > deadline:
+            return killed
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if pid in _processes_of(uids):  # still ours now that the pidfd pins it
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    killed += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        time.sleep(0.01)
+
+
+# --- cgroups ---------------------------------------------------------------------------
+
+
+def _cgroup_base() -> str | None:
+    """The grader's own memory cgroup directory if it is writable (v1, or v2 with memory)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            if os.path.isfile(f"{base}/memory.limit_in_bytes") and os.access(base, os.W_OK):
+                return base
+    for line in lines:
+        if line.startswith("0::"):
+            base = "/sys/fs/cgroup" + line[3:]
+            try:
+                with open(f"{base}/cgroup.subtree_control") as f:
+                    if "memory" in f.read().split() and os.access(base, os.W_OK):
+                        return base
+            except OSError:
+                return None
+    return None
+
+
+def _cgroup_create(limits: SandboxLimits, slot: _Slot) -> str | None:
+    base = _cgroup_base()
+    if base is None:
+        return None
+    path = f"{base}/uniopd-sbx-{os.getpid()}-{slot.index}"
+    total = limits.total_memory_bytes or 2 * limits.memory_bytes
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    try:
+        if os.path.exists(f"{path}/memory.limit_in_bytes"):
+            _write(f"{path}/memory.limit_in_bytes", str(total))
+            if os.path.exists(f"{path}/memory.memsw.limit_in_bytes"):
+                _write(f"{path}/memory.memsw.limit_in_bytes", str(total))
+        else:
+            _write(f"{path}/memory.max", str(total))
+            if os.path.exists(f"{path}/memory.swap.max"):
+                _write(f"{path}/memory.swap.max", "0")
+    except OSError:
+        _cgroup_remove(path)
+        raise
+    return path
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _cgroup_oom_killed(path: str) -> bool:
+    for name in ("memory.oom_control", "memory.events"):
+        try:
+            with open(f"{path}/{name}") as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill" and int(value) > 0:
+                        return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _cgroup_remove(path: str) -> None:
+    for _ in range(200):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+    _warn_once("cgrm", "code sandbox: could not remove cgroup %s", path)
+
+
+# --- running --------------------------------------------------------------------------
+
+
+def _program_job(source: str) -> dict:
+    return {"mode": "program", "filename": "program.py", "source": source}
+
+
+def _limits_dict(limits: SandboxLimits) -> dict:
+    return {k: v for k, v in asdict(limits).items() if v is not None}
+
+
+@dataclass
+class _RawRun:
+    result: RunResult
+    verdict: bytes
+
+
+def _run(job: dict, limits: SandboxLimits, isolation: Isolation) -> _RawRun:
+    """Launch, supervise, collect and clean up one sandboxed run."""
+    t0 = time.perf_counter()
+    slot = _acquire_slot() if isolation.setuid else None
+    host_dir = cgroup = None
+    proc = None
+    vr = vw = -1
+    timed_out = False
+    streams = {"stdout": bytearray(), "stderr": bytearray(), "verdict": bytearray()}
+    dropped = {"stdout": 0, "stderr": 0, "verdict": 0}
+    try:
+        if isolation.cgroup and slot is not None:
+            try:
+                cgroup = _cgroup_create(limits, slot)
+            except OSError as e:
+                _warn_once("cgcreate", "code sandbox: cannot create a memory cgroup (%s); going on without", e)
+        if not isolation.namespaces:
+            host_dir = tempfile.mkdtemp(prefix="uniopd-sbx-")
+            os.chmod(host_dir, 0o755)
+        vr, vw = os.pipe()
+        full_job = dict(job)
+        full_job.update(
+            parent_pid=os.getpid(),
+            verdict_fd=vw,
+            python=_sandbox_python(isolation),
+            harness=_HARNESS,
+            namespaces=isolation.namespaces,
+            uids=list(slot.uids) if slot else None,
+            host_dir=host_dir,
+            binds=_binds(),
+            cgroup_procs=[f"{cgroup}/cgroup.procs"] if cgroup else [],
+            limits=_limits_dict(limits),
+        )
+        payload = marshal.dumps(full_job)
+        proc = subprocess.Popen(
+            [_python(), "-I", "-S", "-B", _HARNESS, "launch"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(vw,),
+            env={"PATH": _CHILD_ENV_PATH, "LANG": "C.UTF-8"},
+            cwd="/",
+            start_new_session=True,
+        )
+        os.close(vw)
+        vw = -1
+        deadline = t0 + limits.wall_seconds
+        timed_out = _pump(proc, payload, vr, streams, dropped, limits, deadline)
+        if timed_out:
+            _killpg(proc.pid)
+        proc.wait()
+    finally:
+        for fd in (vr, vw):
+            if fd >= 0:
+                os.close(fd)
+        if proc is not None and proc.poll() is None:
+            _killpg(proc.pid)
+            proc.wait()
+        if slot is not None:
+            # Backstop: the namespace init kills everything on a normal exit; after a
+            # timeout (or without namespaces) whatever survived is killed here.
+            if timed_out or not isolation.namespaces or proc is None or proc.returncode != 0:
+                _kill_processes_of(slot.uids)
+        oom = bool(cgroup) and _cgroup_oom_killed(cgroup)
+        if cgroup:
+            _cgroup_remove(cgroup)
+        if host_dir:
+            shutil.rmtree(host_dir, ignore_errors=True)
+            if slot is not None:
+                _remove_files_of(slot.uids)
+        if slot is not None:
+            slot.release()
+    returncode, error = None, ""
+    verdict = bytes(streams["verdict"])
+    for line in verdict.split(b"\n"):
+        if line.startswith(b"ERROR "):
+            error = line[6:].decode("utf-8", "replace")
+        elif line.startswith(b"INIT "):
+            parts = line.split()
+            if len(parts) == 3 and parts[1] != b"-":
+                returncode = os.waitstatus_to_exitcode(int(parts[1]))
+    if timed_out:
+        returncode = None
+    elif not error and proc is not None and proc.returncode != 0:
+        error = f"launcher exited with {proc.returncode}: {bytes(streams['stderr'][-500:]).decode('utf-8', 'replace')}"
+    result = RunResult(
+        returncode=returncode,
+        stdout=bytes(streams["stdout"]),
+        stderr=bytes(streams["stderr"]),
+        timed_out=timed_out,
+        seconds=time.perf_counter() - t0,
+        oom_killed=oom,
+        stdout_truncated=dropped["stdout"] > 0,
+        stderr_truncated=dropped["stderr"] > 0,
+        sandbox_error=error,
+    )
+    return _RawRun(result, verdict)
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _pump(proc: subprocess.Popen, payload: bytes, vr: int, streams: dict, dropped: dict,
+          limits: SandboxLimits, deadline: float) -> bool:
+    """Feed the job, read the capped outputs until EOF; True if the deadline passed first."""
+    assert proc.stdin and proc.stdout and proc.stderr
+    caps = {"stdout": limits.max_output_bytes, "stderr": limits.max_output_bytes, "verdict": 1 << 20}
+    sel = selectors.DefaultSelector()
+    os.set_blocking(proc.stdin.fileno(), False)
+    sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, "stdin")
+    sel.register(proc.stdout.fileno(), selectors.EVENT_READ, "stdout")
+    sel.register(proc.stderr.fileno(), selectors.EVENT_READ, "stderr")
+    sel.register(vr, selectors.EVENT_READ, "verdict")
+    view = memoryview(payload)
+    exited_at: float | None = None
+    try:
+        while sel.get_map():
+            now = time.perf_counter()
+            if now >= deadline:
+                return True
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at > 0.5:
+                break  # launcher gone, a straggler holds a pipe: the backstop will kill it
+            timeout = min(deadline - now, 0.1 if exited_at is None else 0.05)
+            for key, _ in sel.select(timeout):
+                name = key.data
+                if name == "stdin":
+                    try:
+                        n = os.write(key.fd, view[:65536])
+                        view = view[n:]
+                    except BrokenPipeError:
+                        view = view[:0]
+                    if not view:
+                        sel.unregister(key.fd)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                buf = streams[name]
+                room = caps[name] - len(buf)
+                if room > 0:
+                    buf += chunk[:room]
+                dropped[name] += max(0, len(chunk) - max(room, 0))
+    finally:
+        sel.close()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if not f.closed:
+                f.close()
+    return False
+
+
+def _remove_files_of(uids: tuple[int, ...]) -> None:
+    """Without a private /tmp: delete what the slot uids left in the world-writable dirs."""
+    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid in uids:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+            except OSError:
+                continue
+
+
+def run_program(source: str, limits: SandboxLimits | None = None, *, isolation: Isolation | None = None) -> RunResult:
+    """Run ``source`` as ``python -I -S -B program.py`` in the sandbox (cwd = its private dir).
+
+    The exit status of an untrusted program is *not* a verdict (it can exit 0 whenever it
+    likes); graders use :func:`evaluate`, where the verdict comes from the judge process.
+    """
+    limits = limits or SandboxLimits()
+    isolation = isolation or detect_isolation()
+    return _run(_program_job(source), limits, isolation).result
+
+
+# --- grading ----------------------------------------------------------------------------
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+_THINK = re.compile(r"<think>.*?</think>", re.S)
+_CODE_LANGS = {"", "python", "py", "python3", "py3"}
+
+
+def _defines(code: str, name: str | None) -> bool:
+    if not name:
+        return False
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return re.search(rf"^\s*(async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return True
+    return False
+
+
+def extract_code(response: str, entry_point: str | None = None) -> str:
+    """The code of a response: fenced blocks if any (the last one that defines the entry
+    point, else all python blocks joined), else the response itself, untouched (a bare
+    completion keeps its indentation)."""
+    text = _THINK.sub("", response)
+    blocks = [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(text)]
+    if not blocks:
+        return text
+    code_blocks = [body for lang, body in blocks if lang in _CODE_LANGS] or [body for _, body in blocks]
+    defining = [b for b in code_blocks if _defines(b, entry_point)]
+    if defining:
+        return defining[-1]
+    return "\n\n".join(code_blocks)
+
+
+def _compiles(source: str) -> bool:
+    try:
+        compile(source, "<prompt>", "exec", dont_inherit=True)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def build_solution(response: str, prompt: str, entry_point: str | None) -> str | None:
+    """The solution program: ``prompt + completion``, or ``prompt`` then the response's own
+    definition (the prompt's imports and helpers stay), or the response alone when the prompt
+    is not code. None when the response has no code."""
+    code = extract_code(response, entry_point)
+    if not code.strip():
+        return None
+    if _defines(code, entry_point) or not prompt:
+        if prompt and _compiles(prompt):
+            return prompt.rstrip() + "\n\n\n" + code.strip("\n") + "\n"
+        return code
+    return prompt + code
+
+
+def _field(row: Any, name: str) -> Any:
+    if isinstance(row, Mapping):
+        return row.get(name)
+    return getattr(row, name, None)
+
+
+def evaluate(response: str, row: Any, limits: SandboxLimits | None = None, *,
+             isolation: Isolation | None = None) -> CodeResult:
+    """Run ``response`` against the row's tests in the sandbox; see the module doc."""
+    t0 = time.perf_counter()
+    limits = limits or SandboxLimits()
+    prompt = _field(row, "prompt") or ""
+    tests = _field(row, "tests") or ""
+    if isinstance(tests, (list, tuple)):
+        tests = "\n".join(tests)
+    entry_point = _field(row, "entry_point") or None
+    source = build_solution(response, prompt, entry_point)
+    if source is None:
+        return CodeResult(False, "no_code", "no code in the response", time.perf_counter() - t0)
+    nonce = secrets.token_hex(16)
+    job = {
+        "mode": "judge",
+        "filename": "solution.py",
+        "source": source,
+        "judge": {"nonce": nonce, "entry_point": entry_point, "prompt": prompt, "tests": tests,
+                  "max_message": limits.max_message_bytes},
+    }
+    isolation = isolation or detect_isolation()
+    raw = _run(job, limits, isolation)
+    res = raw.result
+    reason, detail = _judge_outcome(raw.verdict, nonce, res)
+    return CodeResult(reason == "passed", reason, detail, time.perf_counter() - t0)
+
+
+def _judge_outcome(verdict: bytes, nonce: str, res: RunResult) -> tuple[Reason, str]:
+    judged: tuple[str, str] | None = None
+    sol_status = judge_status = None
+    pos = 0
+    while pos < len(verdict):
+        end = verdict.find(b"\n", pos)
+        if end < 0:
+            break
+        header = verdict[pos:end].split()
+        pos = end + 1
+        if header[:1] == [b"JUDGE"] and len(header) == 4 and header[3].isdigit():
+            body = verdict[pos : pos + int(header[3])]
+            pos += int(header[3])
+            if hmac.compare_digest(header[1], nonce.encode()):
+                judged = (header[2].decode("ascii", "replace"), body.decode("utf-8", "replace"))
+        elif header[:1] == [b"INIT"] and len(header) == 3:
+            sol_status = int(header[1]) if header[1] != b"-" else None
+            judge_status = int(header[2]) if header[2] != b"-" else None
+    sol_signal = _signal_of(sol_status)
+    tail = res.stderr[-300:].decode("utf-8", "replace").strip()
+    if res.timed_out:
+        return "timeout", f"over the {res.seconds:.1f} s wall-clock limit"
+    if res.sandbox_error:
+        return "harness_error", res.sandbox_error
+    if judged is None or judge_status != 0:
+        if sol_signal == signal.SIGXCPU:
+            return "timeout", "CPU limit"
+        if res.oom_killed:
+            return "memory", "killed by the memory cgroup"
+        return "harness_error", f"the judge gave no verdict (status {judge_status}); {tail}"
+    status, detail = judged
+    if status == "passed":
+        return "passed", detail
+    if status == "crashed":
+        if sol_signal == signal.SIGXCPU:
+            return "timeout", "CPU limit"
+        if res.oom_killed:
+            return "memory", "killed by the memory cgroup"
+        how = (f"killed by {signal.Signals(sol_signal).name}" if sol_signal
+               else f"exited with status {os.waitstatus_to_exitcode(sol_status)}" if sol_status is not None else "died")
+        return "crashed", f"{detail}: the solution process {how}" + (f"; stderr: {tail}" if tail else "")
+    if status in Reason.__args__:  # type: ignore[attr-defined]
+        return status, detail  # type: ignore[return-value]
+    return "harness_error", f"unknown judge status {status!r}"
+
+
+def _signal_of(status: int | None) -> int | None:
+    if status is None:
+        return None
+    code = os.waitstatus_to_exitcode(status)
+    return -code if code < 0 else None
+
+
+def grade(response: str, row: Any, limits: SandboxLimits | None = None) -> tuple[bool, str]:
+    """Grade a code response against the row's tests; return (correct, reason).
+
+    ``row`` has ``prompt``, ``tests`` and ``entry_point`` (attributes or keys). The reason
+    is ``"<Reason>: <detail>"``, e.g. ``"failed: AssertionError at tests.py:3: ..."``.
+    """
+    result = evaluate(response, row, limits)
+    detail = result.detail.replace("\n", " ")
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    return result.correct, f"{result.reason}: {detail}" if detail else result.reason

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny demo models (fast preparation) and one local Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """Demo artefacts from the fast preparation (seconds; accuracy irrelevant)."""
+    from scripts.prepare_demo import prepare
+
+    out = tmp_path_factory.mktemp("demo_fast")
+    prepare(out / "demo", fast=True)
+    return out / "demo"
+
+
+def demo_overrides(demo: Path, **extra) -> list[str]:
+    o = {
+        "demo.prepare": "false",
+        "data.train": str(demo / "train.jsonl"),
+        "data.heldout": str(demo / "heldout.jsonl"),
+        "student.path": str(demo / "student"),
+        "teachers.math_teacher.path": str(demo / "teacher_math"),
+        "teachers.reverse_teacher.path": str(demo / "teacher_reverse"),
+        "data.heldout_limit": "8",
+        "data.prompts_per_step": "4",
+        "sampler.n": "4",
+    }
+    o.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
