@@ -1653,17 +1653,17 @@ def _compiles(source: str) -> bool:
 
 
 def build_solution(response: str, prompt: str, entry_point: str | None) -> str | None:
-    """The solution program: ``prompt + completion``, or ``prompt`` then the response's own
-    definition (the prompt's imports and helpers stay), or the response alone when the prompt
-    is not code. None when the response has no code."""
+    """The solution program: ``prompt + completion``; ``prompt`` then the response's own
+    definition when it defines the entry point (the prompt's imports and helpers stay); the
+    response alone when the prompt is not code. None when the response has no code."""
     code = extract_code(response, entry_point)
     if not code.strip():
         return None
-    if _defines(code, entry_point) or not prompt:
-        if prompt and _compiles(prompt):
-            return prompt.rstrip() + "\n\n\n" + code.strip("\n") + "\n"
+    if not prompt or not _compiles(prompt):  # the prompt is prose (MBPP): the response is the program
         return code
-    return prompt + code
+    if _defines(code, entry_point):
+        return prompt.rstrip() + "\n\n\n" + code.strip("\n") + "\n"
+    return prompt + code  # a completion of the prompt's function
 
 
 def _field(row: Any, name: str) -> Any:

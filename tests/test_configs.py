@@ -1,0 +1,133 @@
+"""Config and dataset validation: every shipped YAML loads; bad input names the key/row and the fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from buffers.dataset import DatasetError, load_prompts
+from configs.schema import ConfigError, check_paths, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert cfg.domains and cfg.teachers
+
+
+def test_defaults_are_the_released_uniopd_settings():
+    c = load_config().buffer
+    assert (c.calibration.mode, c.calibration.statistic, c.calibration.direction, c.calibration.scope) == (
+        "shift", "mean", "both", "group")
+    assert c.calibration.delta == 0.4 and c.balance_ratio == 1.0
+
+
+def test_override_changes_nested_value_with_yaml_typing():
+    cfg = load_config(None, ["buffer.max_lag=2", "learner.lr=1e-3", "run.name=x"])
+    assert cfg.buffer.max_lag == 2 and cfg.learner.lr == 1e-3 and cfg.run.name == "x"
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"`buffer.max_lagg` is not a known key"):
+        load_config(None, ["buffer.max_lagg=1"])
+
+
+def test_out_of_range_value_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"`buffer.max_lag` is -1"):
+        load_config(None, ["buffer.max_lag=-1"])
+
+
+def test_domain_without_teacher_is_rejected_with_fix():
+    with pytest.raises(ConfigError, match=r"`domains.math.teacher` is 'nope'.*add it under `teachers`"):
+        load_config(None, ["domains.math.teacher=nope"])
+
+
+def test_unknown_verifier_type_is_rejected():
+    with pytest.raises(ConfigError, match="domains.math.verifier"):
+        load_config(None, ["domains.math.verifier.type=regex"])
+
+
+def test_override_without_equals_is_rejected():
+    from configs.schema import parse_overrides
+
+    with pytest.raises(ConfigError, match="not `key=value`"):
+        parse_overrides(["run.steps"])
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("run:\n  name: x\n  steps: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+"):
+        load_config(p)
+
+
+def test_missing_model_path_is_named(tmp_path):
+    cfg = load_config(None, [f"student.path={tmp_path}/nowhere"])
+    with pytest.raises(ConfigError, match=r"`student.path` is .*nowhere.*no config.json"):
+        check_paths(cfg)
+
+
+def test_dry_run_prints_plan_and_exits_zero():
+    out = subprocess.run([sys.executable, "scripts/train.py", "--dry-run", "sampler.num_samplers=2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "sampler" in out.stdout and "×2" in out.stdout
+    assert "math       → math_teacher" in out.stdout
+
+
+def test_dry_run_with_bad_config_exits_nonzero_before_any_actor():
+    out = subprocess.run([sys.executable, "scripts/train.py", "--dry-run", "learner.lr=-1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "learner.lr" in out.stderr + out.stdout
+
+
+# -- datasets ---------------------------------------------------------------------------------
+VER = {"math": "math", "reverse": "exact", "code": "code"}
+
+
+def _write(tmp_path, rows: list) -> Path:
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_bad_row_names_file_line_and_field(tmp_path):
+    p = _write(tmp_path, [{"id": "a", "domain": "math", "prompt": "1+1=", "answer": "2"},
+                          {"id": "b", "domain": "math", "prompt": "1+2="}])
+    with pytest.raises(DatasetError, match=r"d.jsonl:2: field `answer` is missing"):
+        load_prompts(p, VER)
+
+
+def test_bad_json_line_and_unknown_domain(tmp_path):
+    p = _write(tmp_path, ['{"id": "a",', {"id": "b", "domain": "chem", "prompt": "x", "answer": "y"}])
+    with pytest.raises(DatasetError, match=r"d.jsonl:1: not valid JSON"):
+        load_prompts(p, VER)
+    loaded = load_prompts(_write(tmp_path, [{"id": "b", "domain": "chem", "prompt": "x", "answer": "y"},
+                                            {"id": "c", "domain": "math", "prompt": "x", "answer": "1"}]),
+                          VER, on_bad_row="skip")
+    assert loaded.skipped == 1 and [p.id for p in loaded.prompts] == ["c"]
+
+
+def test_code_rows_need_tests_and_entry_point(tmp_path):
+    p = _write(tmp_path, [{"id": "a", "domain": "code", "prompt": "def f():", "tests": "assert f()==1"}])
+    with pytest.raises(DatasetError, match="field `entry_point` is missing"):
+        load_prompts(p, VER)
+
+
+def test_parquet_rows_are_validated(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "domain": "math", "prompt": "1+1=", "answer": "2"},
+                                         {"id": "a", "domain": "math", "prompt": "1+1=", "answer": "2"}]), p)
+    with pytest.raises(DatasetError, match=r"d.parquet row 1: field `id` 'a' repeats"):
+        load_prompts(p, VER)
