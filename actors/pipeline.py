@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -203,8 +204,10 @@ def run(cfg: RunConfig) -> dict:
 
     started_ray = False
     if not ray.is_initialized():
-        if cfg.run.ray_address:
-            ray.init(address=cfg.run.ray_address, log_to_driver=True)
+        # Under `ray job submit`, RAY_ADDRESS points at the cluster: join it instead of starting one.
+        address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
         else:
             ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True)
             started_ray = True

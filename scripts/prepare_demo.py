@@ -43,7 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+# libgomp's default (active) wait policy spins; when another process holds one of the two
+# cores, a 2-thread torch step was measured 15x slower (2.8 s vs 0.17 s per SFT step).
+# Only effective if set before torch (and so libgomp) is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 # Allow ``python scripts/prepare_demo.py`` from the repository root without installing.
 _REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -222,6 +222,16 @@ def test_missing_entry_point_is_an_error():
     assert res.reason == "error" and "'add'" in res.detail
 
 
+def test_tests_that_pass_non_data_or_never_call_are_flagged():
+    lam = SimpleNamespace(prompt="def apply(f, x):\n    pass\n",
+                          tests="def check(candidate):\n    assert candidate(lambda v: v + 1, 1) == 2\n", entry_point="apply")
+    res = evaluate("    return f(x)\n", lam)
+    assert not res.correct and res.reason == "unsupported"
+    idle = SimpleNamespace(prompt=ADD.prompt, tests="def check(candidate):\n    pass\n", entry_point="add")
+    res = evaluate(ADD_COMPLETION, idle)
+    assert not res.correct and res.reason == "no_tests"
+
+
 def test_candidate_exception_is_an_error():
     res = evaluate("    return [][1]\n")
     assert res.reason == "error" and "IndexError" in res.detail and "solution.py:3" in res.detail
@@ -269,17 +279,17 @@ def test_exit_inside_candidate_is_not_swallowed_by_broad_except_in_tests():
 
 
 def test_monkeypatching_builtins_does_not_pass():
-    response = (
-        "    return 0\n"
+    patch = (
         "import builtins\n"
         "builtins.abs = lambda x: 0\n"
         "builtins.AssertionError = type('Nope', (Exception,), {})\n"
-        "builtins.isinstance = lambda *a: True\n"
-        "builtins.len = lambda x: 0\n"
         "import sys\nsys.settrace(lambda *a: None)\n"
     )
-    res = evaluate(response)
-    assert not res.correct and res.reason == "failed"
+    res = evaluate("    return 0\n" + patch)
+    assert not res.correct and res.reason == "failed"  # the tests ran with the real builtins
+    # patching what the solution process's own harness needs only breaks the solution
+    res = evaluate("    return 0\n" + patch + "builtins.len = lambda x: 0\nbuiltins.isinstance = lambda *a: True\n")
+    assert not res.correct and res.reason in ("failed", "error")
 
 
 def test_always_equal_object_does_not_pass():
@@ -390,11 +400,24 @@ def test_fork_bomb_is_contained(iso):
     assert evaluate(ADD_COMPLETION, iso=iso).correct
 
 
+@needs_setuid
 def test_shell_fork_bomb_is_contained():
-    if not ISO.setuid:
-        pytest.skip("needs per-run uids")
-    res = run("import subprocess\nsubprocess.run(['/bin/sh', '-c', ':(){ :|:& };:'], timeout=1)\n", SHORT)
-    assert res.timed_out or res.returncode != 0
+    shell = "/bin/bash" if os.path.exists("/bin/bash") else pytest.skip("no bash")
+    res = run(
+        "import os, subprocess, time\n"
+        f"p = subprocess.Popen([{shell!r}, '-c', 'bomb() {{ bomb | bomb & }}; bomb'])\n"
+        "time.sleep(1.0)\n"
+        "uid = str(os.getuid()).encode()\n"
+        "n = 0\n"
+        "for pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+        "    try:\n        status = open(f'/proc/{pid}/status', 'rb').read()\n"
+        "    except OSError:\n        continue\n"
+        "    n += status.split(b'\\nUid:')[1].split()[0] == uid\n"
+        "print(n, flush=True)\n",
+        SHORT,
+    )
+    assert res.stdout.strip(), res
+    assert 0 < int(res.stdout) <= FAST.max_processes
 
 
 @pytest.mark.parametrize(
@@ -418,7 +441,7 @@ def test_cgroup_caps_the_total_memory_of_forked_children():
         "    pid = os.fork()\n"
         "    if pid == 0:\n"
         "        b = bytearray(120 * 2**20)\n"  # touches the pages: 6 x 120 MiB > 192 MiB
-        "        time.sleep(3)\n"
+        "        time.sleep(1.5)\n"
         "        os._exit(0)\n"
         "    pids.append(pid)\n"
         "print(sorted(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids))\n"
@@ -438,7 +461,6 @@ def test_output_is_capped_and_drained():
     assert time.perf_counter() - t0 < 5
 
 
-@needs_setuid
 def test_file_size_limit():
     res = run(
         "import errno\ntry:\n    open('big', 'wb').write(b'x' * (2 * 2**20))\n    print('WROTE')\n"
@@ -471,7 +493,7 @@ def test_no_network_even_to_localhost():
         srv.close()
     # a graded response that phones home at import fails instead of passing
     res = evaluate(f"    return a + b\nimport socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\n")
-    assert res.reason == "error" and "OSError" in res.detail or "unreachable" in res.detail.lower()
+    assert res.reason == "error" and "unreachable" in res.detail.lower(), res
 
 
 @pytest.mark.parametrize("iso", MODES, ids=MODE_IDS)
@@ -517,8 +539,12 @@ def test_cannot_write_outside_its_directory(iso):
             "print('INSIDE', open('inside.txt').read())\n",
             iso=iso,
         )
-        assert b"WROTE" not in res.stdout and b"CHANGED" not in res.stdout, res.stdout
-        assert res.stdout.count(b"DENIED") == 9
+        wrote = [line for line in res.stdout.splitlines() if line.startswith(b"WROTE")]
+        if iso.namespaces:  # the host /tmp is not even in its tree
+            assert not wrote and res.stdout.count(b"DENIED") == 9, res.stdout
+        else:  # world-writable /tmp is writable, and cleaned up after the run (checked below)
+            assert wrote == [b"WROTE " + evil_tmp.encode()] and res.stdout.count(b"DENIED") == 8, res.stdout
+        assert b"CHANGED" not in res.stdout
         assert b"INSIDE fine" in res.stdout
         with open(victim) as f:
             assert f.read() == "original"
@@ -571,13 +597,17 @@ def test_cannot_kill_its_parent_or_the_grader(iso):
         "for pid in targets:\n"
         "    try:\n        os.kill(pid, signal.SIGKILL)\n        print('KILLED', pid)\n"
         "    except OSError as e:\n        print('DENIED', e.errno)\n"
-        "try:\n    os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)\n    print('KILLEDPG')\n"
-        "except OSError as e:\n    print('DENIED', e.errno)\n"
-        "try:\n    os.kill(-1, signal.SIGTERM)\nexcept OSError as e:\n    print('DENIED', e.errno)\n",
+        "pg = os.getpgid(os.getppid())\n"  # 0 across the PID namespace boundary: nothing to aim at
+        "if pg > 0 and pg != os.getpgrp():\n"
+        "    try:\n        os.killpg(pg, signal.SIGKILL)\n        print('KILLEDPG')\n"
+        "    except OSError as e:\n        print('DENIED', e.errno)\n"
+        "try:\n    os.kill(-1, signal.SIGKILL)\n"  # all it may signal: its own uid's processes only
+        "except ProcessLookupError:\n    pass\n"
+        "print('ALIVE', flush=True)\n",
         iso=iso,
     )
     assert b"KILLED" not in res.stdout, res.stdout
-    assert res.stdout.count(b"DENIED") >= 4
+    assert res.stdout.count(b"DENIED") >= 3 and b"ALIVE" in res.stdout
     res = evaluate("    return a + b\nimport os\nos.kill(os.getppid(), 9)\n", iso=iso)
     assert not res.correct and "PermissionError" in res.detail
     assert evaluate(ADD_COMPLETION, iso=iso).correct  # the grader is intact
@@ -644,7 +674,8 @@ def test_concurrent_runs_use_separate_slots():
 @pytest.mark.parametrize(
     "value",
     [None, True, False, 0, -(10**40), 1.5, float("inf"), -0.0, "", "héllo\udcff", b"\x00\xff", bytearray(b"ab"),
-     [1, [2, (3, {4: {5}})]], (), {"a": frozenset({1, 2})}, 3 - 4j, range(1, 10, 3), {(1, 2): [None]}],
+     [1, [2, (3, {4: {5}})]], (), {"a": frozenset({1, 2})}, 3 - 4j, range(1, 10, 3), {(1, 2): [None]},
+     list(range(-5, 50)), [i / 7 for i in range(20)] + [float("inf")], ["", "a,b", "é\udcff", "x"] * 5],
 )
 def test_codec_roundtrip(value):
     out = cv.decode_value(cv.encode_value(value))
@@ -668,7 +699,8 @@ def test_codec_converts_and_rejects():
     for bad in (object(), lambda: 0, type, [object()]):
         with pytest.raises(TypeError):
             cv.encode_value(bad)
-    for junk in (b"", b"X", b"l\x00\x00\x00\x05", b"i\x00\x00\x00\x031e3", b"N\x00", b"d\x00\x00\x00\x01l\x00\x00\x00\x00N"):
+    for junk in (b"", b"X", b"l\x00\x00\x00\x05", b"i\x00\x00\x00\x031e3", b"N\x00", b"d\x00\x00\x00\x01l\x00\x00\x00\x00N",
+                 b"L\x00\x00\x00\x031_0", b"L\x00\x00\x00\x00", b"W\x00\x00\x00\x013s\x00\x00\x00\x01a"):
         with pytest.raises((ValueError, TypeError)):
             cv.decode_value(junk)
     deep = b"l\x00\x00\x00\x01" * 1000 + b"N"

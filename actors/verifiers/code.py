@@ -42,9 +42,9 @@ Values cross between the two in a small tagged binary format whose decoder only 
 plain data (None, bool, int, float, complex, str, bytes, bytearray, list, tuple, dict,
 set, frozenset, range, Decimal, Fraction; an iterator comes back as an iterator over its
 items), never objects with methods of the response's choosing: an always-equal object
-cannot be sent, and monkeypatched builtins stay in the solution process. Only the judge
-holds the verdict pipe (an fd the solution process never has, in a process it may not
-signal, trace or read: another uid), and it writes the verdict -- with a per-run random
+cannot be sent, and monkeypatched builtins stay in the solution process. Of the sandboxed
+processes only the judge holds the verdict pipe (an fd the solution process never has, in
+a process it may not signal, trace or read: another uid), and it writes the verdict -- with a per-run random
 nonce it received through a private pipe -- after ``check(candidate)`` returned, and only
 if the tests made at least one call. Exiting early, ``SystemExit`` from the candidate and
 the solution process dying all surface in the judge as a failed call (an exception of a
@@ -59,7 +59,9 @@ only the standard library is importable (the interpreter runs with ``-I -S``).
 Defences (each enforced by the kernel, checked by ``tests/test_code_verifier.py``)
 ==================================================================================
 * Separate processes, started without ``preexec_fn`` (unsafe in threaded processes):
-  a small launcher (this file run as a script, ``python -I -S -B``) does the set-up.
+  a launcher (``python -I -S -B -c BOOT``, running the sandbox-side half of this file,
+  shipped as a precompiled code object) does the set-up as root, then drops privileges
+  in each child before ``execve``.
 * Per-run uids: run slot *k* uses uids ``UID_BASE + 2k`` (solution) and ``+ 2k + 1``
   (judge), ``UID_BASE`` = 61000 (env ``UNIOPD_SANDBOX_UID_BASE``). A slot is claimed by
   binding an abstract unix socket, so concurrent runs (threads, Ray actors on the host)
@@ -93,9 +95,12 @@ Defences (each enforced by the kernel, checked by ``tests/test_code_verifier.py`
   Python ignore ``PYTHON*`` variables and the user site.
 * Output is read continuously and capped (``max_output_bytes`` per stream; the rest is
   drained and dropped), so a chatty program neither blocks nor fills memory.
-* Nothing is left behind: after every run, processes of the slot's uids are looked for
-  in ``/proc`` and killed (through pidfds, race-free) -- a backstop for the namespace --
-  and the cgroup and any host directory are removed.
+* Nothing is left behind: after a timeout (always, without namespaces) processes of the
+  slot's uids are looked for in ``/proc`` and killed -- one ``kill(-1)`` sweep per uid by
+  a helper that drops to that uid (atomic against a fork bomb), then by pidfd (never a
+  recycled pid) -- a backstop for the namespace; the cgroup and any host dir are removed.
+* Speed: about 0.1-0.2 s for a normal grading on a loaded 2-core machine; a fresh
+  interpreter starts three times (launcher, solution, judge), the rest is syscalls.
 
 Degraded modes
 ==============
@@ -106,26 +111,53 @@ candidate set-up) and logs one warning for what is missing:
   root): no network isolation, no private filesystem view (the working dir is a host
   temporary dir, removed afterwards, and files the slot uids left in ``/tmp``,
   ``/var/tmp`` and ``/dev/shm`` are deleted), cleanup by killing every process of the
-  slot uids (the launcher is a child subreaper, so daemons re-parent to it).
+  slot uids (the launcher is a child subreaper, so daemons re-parent to it). The
+  programs run with a world-executable interpreter of the grader's Python version
+  (``/usr/bin/python3.X``) when the grader's own is out of other uids' reach (pyenv
+  under ``/root``). The verdict stays unforgeable (uids still separate the judge).
 * ``setuid=False`` (not root): everything runs as the grader's user: no ``RLIMIT_NPROC``
   containment, the program can signal the grader and read or write what the grader can,
-  and the judge is no longer protected from the solution, so the verdict is only as good
-  as the in-process harness. Use a root (or at least CAP_SETUID) container for RL.
-* ``cgroup=False``: no cap on the total memory of a run beyond the per-process limits.
+  a daemon that escapes the process group after a timeout may survive, and the judge is
+  no longer protected from the solution (same uid: it may open ``/proc/<judge>/fd``), so
+  a targeted attack could forge a verdict. Use a root (or CAP_SETUID) container for RL.
+  (Unprivileged user namespaces could restore net/mount/PID isolation; not implemented.)
+* ``cgroup=False``: no cap on the total memory of a run beyond the per-process limits
+  (set ``UNIOPD_SANDBOX_NO_CGROUP=1`` to opt out of cgroups on purpose).
 
 The tests skip the properties a degraded machine lacks, with the reason.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import hmac
+import logging
+import marshal
 import os
+import re
+import secrets
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
 
 # ======================================================================================
 # Part 1 -- code that runs inside the sandbox (launcher, namespace init, solution and
-# judge processes). It imports only ``os`` and ``sys`` at module level so that the
-# sandboxed interpreters start fast; part 2 (the grader's API) is below the dispatch.
+# judge processes). The grader compiles the text between the two SANDBOX-SIDE markers
+# (with only ``os`` and ``sys`` imported) and ships the code object: the sandboxed
+# interpreters neither import the grader's modules nor recompile this file.
 # ======================================================================================
+# --- SANDBOX-SIDE BEGIN ---
 
 _MAX_DEPTH = 200  # nesting depth of a value that may cross the process boundary
 _MAX_ITER_ITEMS = 1_000_000  # an iterator returned by the candidate is materialised up to this
@@ -228,7 +260,19 @@ def _put_text(out: bytearray, tag: bytes, text: str) -> None:
 
 
 def _put_items(out: bytearray, tag: bytes, items, depth: int) -> None:
-    items = list(items)
+    items = items if type(items) is list else list(items)
+    if tag == b"l" and len(items) >= 8:  # fast paths: homogeneous lists decode at C speed
+        kinds = {type(v) for v in items}
+        if kinds == {int}:
+            _put_text(out, b"L", ",".join(map(str, items)))
+            return
+        if kinds == {float}:
+            _put_text(out, b"R", ",".join(map(float.hex, items)))
+            return
+        if kinds == {str}:
+            _put_text(out, b"W", ",".join(str(len(v)) for v in items))
+            _put_bytes(out, b"s", "".join(items).encode("utf-8", "surrogatepass"))
+            return
     _put_count(out, tag, len(items))
     for v in items:
         _encode(v, out, depth + 1)
@@ -241,95 +285,126 @@ def encode_value(x: object) -> bytes:
     return bytes(out)
 
 
-class _Decoder:
-    """Strict decoder of :func:`encode_value`'s format: builds plain data and nothing else."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def _take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise ValueError("truncated value")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def _count(self) -> int:
-        n = int.from_bytes(self._take(4), "big")
-        if n > len(self.data) - self.pos:  # every item takes at least one byte
-            raise ValueError("bad length")
-        return n
-
-    def _text(self) -> str:
-        return self._take(self._count()).decode("ascii")
-
-    def value(self, depth: int = 0) -> object:
-        if depth > _MAX_DEPTH:
-            raise ValueError("value nested too deeply")
-        tag = self._take(1)
-        if tag == b"N":
-            return None
-        if tag == b"T":
-            return True
-        if tag == b"F":
-            return False
-        if tag == b"i":
-            text = self._text()
-            if not text.lstrip("-").isdigit():
-                raise ValueError("bad int")
-            return int(text)
-        if tag == b"f":
-            return float.fromhex(self._text())
-        if tag == b"s":
-            return self._take(self._count()).decode("utf-8", "surrogatepass")
-        if tag in (b"l", b"t", b"S", b"Z", b"I"):
-            items = [self.value(depth + 1) for _ in range(self._count())]
-            if tag == b"l":
-                return items
-            if tag == b"t":
-                return tuple(items)
-            if tag == b"S":
-                return set(items)
-            if tag == b"Z":
-                return frozenset(items)
-            return iter(items)
-        if tag == b"d":
-            n = self._count()
-            result = {}
-            for _ in range(n):
-                k = self.value(depth + 1)
-                result[k] = self.value(depth + 1)
-            return result
-        if tag == b"c":
-            re_, im = self._text().split(" ")
-            return complex(float.fromhex(re_), float.fromhex(im))
-        if tag == b"b":
-            return self._take(self._count())
-        if tag == b"B":
-            return bytearray(self._take(self._count()))
-        if tag == b"r":
-            start, stop, step = (int(v) for v in self._text().split(" "))
-            return range(start, stop, step)
-        if tag == b"D":
-            import decimal
-
-            return decimal.Decimal(self._text())
-        if tag == b"Q":
-            import fractions
-
-            num, den = (int(v) for v in self._text().split(" "))
-            return fractions.Fraction(num, den)
-        raise ValueError(f"unknown tag {tag!r}")
+_CONTAINER_TAGS = frozenset(b"ltSZI")
 
 
 def decode_value(data: bytes) -> object:
-    """Decode :func:`encode_value`'s output; raises ValueError (or TypeError) on bad input."""
-    dec = _Decoder(bytes(data))
-    value = dec.value()
-    if dec.pos != len(dec.data):
+    """Decode :func:`encode_value`'s output into plain data; ValueError/TypeError on bad input.
+
+    Strict: it builds None, bool, int, float, complex, str, bytes, bytearray, list, tuple,
+    dict, set, frozenset, range, Decimal, Fraction and list iterators, and nothing else."""
+    data = bytes(data)
+    end = len(data)
+    pos = 0
+
+    def count() -> int:
+        nonlocal pos
+        if pos + 4 > end:
+            raise ValueError("truncated value")
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        pos += 4
+        if n > end - pos:  # every item takes at least one byte
+            raise ValueError("bad length")
+        return n
+
+    def raw() -> bytes:
+        nonlocal pos
+        n = count()
+        chunk = data[pos : pos + n]
+        pos += n
+        return chunk
+
+    def text() -> str:
+        return raw().decode("ascii")
+
+    def value(depth: int) -> object:
+        nonlocal pos
+        if depth > _MAX_DEPTH:
+            raise ValueError("value nested too deeply")
+        if pos >= end:
+            raise ValueError("truncated value")
+        tag = data[pos]
+        pos += 1
+        if tag in _CONTAINER_TAGS:
+            items = [value(depth + 1) for _ in range(count())]
+            if tag == 0x6C:  # l
+                return items
+            if tag == 0x74:  # t
+                return tuple(items)
+            if tag == 0x53:  # S
+                return set(items)
+            if tag == 0x5A:  # Z
+                return frozenset(items)
+            return iter(items)  # I
+        if tag == 0x4E:  # N
+            return None
+        if tag == 0x54:  # T
+            return True
+        if tag == 0x46:  # F
+            return False
+        if tag == 0x69:  # i
+            t = raw()
+            if not t.lstrip(b"-").isdigit():
+                raise ValueError("bad int")
+            return int(t)
+        if tag == 0x66:  # f
+            return float.fromhex(text())
+        if tag == 0x73:  # s
+            return raw().decode("utf-8", "surrogatepass")
+        if tag == 0x64:  # d
+            result = {}
+            for _ in range(count()):
+                k = value(depth + 1)
+                result[k] = value(depth + 1)
+            return result
+        if tag == 0x4C:  # L: ints
+            t = raw()
+            if not t:
+                raise ValueError("bad int list")
+            ints = t.split(b",")
+            if not all(v.lstrip(b"-").isdigit() for v in ints):
+                raise ValueError("bad int")
+            return list(map(int, ints))
+        if tag == 0x52:  # R: floats
+            return list(map(float.fromhex, text().split(",")))
+        if tag == 0x57:  # W: strs (lengths, then the concatenation)
+            lengths = [int(v) for v in text().split(",")]
+            if pos >= end or data[pos] != 0x73:
+                raise ValueError("bad str list")
+            pos += 1
+            joined = raw().decode("utf-8", "surrogatepass")
+            if sum(lengths) != len(joined) or min(lengths) < 0:
+                raise ValueError("bad str list")
+            out, i = [], 0
+            for n in lengths:
+                out.append(joined[i : i + n])
+                i += n
+            return out
+        if tag == 0x63:  # c
+            re_, im = text().split(" ")
+            return complex(float.fromhex(re_), float.fromhex(im))
+        if tag == 0x62:  # b
+            return raw()
+        if tag == 0x42:  # B
+            return bytearray(raw())
+        if tag == 0x72:  # r
+            start, stop, step = (int(v) for v in text().split(" "))
+            return range(start, stop, step)
+        if tag == 0x44:  # D
+            import decimal
+
+            return decimal.Decimal(text())
+        if tag == 0x51:  # Q
+            import fractions
+
+            num, den = (int(v) for v in text().split(" "))
+            return fractions.Fraction(num, den)
+        raise ValueError(f"unknown tag {tag!r}")
+
+    result = value(0)
+    if pos != end:
         raise ValueError("trailing bytes")
-    return value
+    return result
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -601,7 +676,8 @@ def _judge_main() -> int:
     offered = hello[1] if type(hello[1]) is dict else {}
 
     # 2. the trusted namespace: the prompt's own definitions, then proxies
-    ns: dict = {"__name__": "__main__", "__builtins__": builtins}
+    # (not "__main__", as in the reference harness: ``if __name__ == "__main__":`` blocks stay off)
+    ns: dict = {"__name__": "judge", "__builtins__": builtins}
     try:
         prompt_code = compile(prompt, "prompt.py", "exec") if prompt else None
     except (SyntaxError, ValueError):
@@ -630,7 +706,8 @@ def _judge_main() -> int:
             ns[name] = proxy(name)
         elif kind[0] == "module" and len(kind) == 2 and type(kind[1]) is str:
             top = kind[1].split(".")[0]
-            if top in sys.stdlib_module_names:
+            # only a stdlib module under its own name (no ``import cmath as math`` games)
+            if top in sys.stdlib_module_names and kind[1].rsplit(".", 1)[-1] == name:
                 try:
                     __import__(kind[1])
                     ns[name] = sys.modules[kind[1]]
@@ -715,12 +792,10 @@ class _Libc:
         self.check(self.lib.sethostname(name.encode(), len(name)), "sethostname")
 
 
-def _launcher_main() -> int:
-    """Read the job (marshal, from the trusted grader), set up isolation, run, report."""
-    import marshal
+def _launcher_main(job: dict) -> int:
+    """Set up isolation for the job (from the trusted grader), run it, report."""
     import signal
 
-    job = marshal.loads(_read_to_eof(0))
     libc = _Libc()
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the grader's thread
     if os.getppid() != job["parent_pid"]:
@@ -819,8 +894,6 @@ def _init_main(job: dict, libc: _Libc) -> None:
     import time
 
     vfd = job["verdict_fd"]
-    with open(job["harness"], "rb") as f:
-        harness = f.read()
     ns_mode = job["namespaces"]
     if ns_mode:
         _build_root(job, libc)
@@ -830,8 +903,8 @@ def _init_main(job: dict, libc: _Libc) -> None:
     host_base = (root or "") + base
     uids = job["uids"]  # [solution uid, judge uid] or None
     os.makedirs(host_base + "/h", mode=0o755, exist_ok=True)
-    with open(host_base + "/h/code.py", "wb") as f:
-        f.write(harness)
+    with open(host_base + "/h/harness.bin", "wb") as f:
+        f.write(job["harness_code"])
     dirs = {}
     for i, role in enumerate(("s", "j")):
         d = f"{host_base}/{role}"
@@ -840,25 +913,25 @@ def _init_main(job: dict, libc: _Libc) -> None:
             os.chown(d, uids[i], uids[i])
         dirs[role] = d
     with open(dirs["s"] + "/" + job["filename"], "wb") as f:
-        f.write(job["source"].encode("utf-8", "surrogateescape"))
+        f.write(job["source"].encode("utf-8", "replace"))  # (a lone surrogate becomes "?")
     if uids:
         os.chown(dirs["s"] + "/" + job["filename"], uids[0], uids[0])
     if ns_mode:
         libc.mount(None, root, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
 
     python = job["python"]
-    harness_path = base + "/h/code.py"
+    harness_path = base + "/h/harness.bin"
     devnull = os.open("/dev/null", os.O_RDONLY)
     judge_mode = job["mode"] == "judge"
     if judge_mode:
         req_r, req_w = os.pipe()  # judge -> solution
         rep_r, rep_w = os.pipe()  # solution -> judge
         spid = _spawn(job, libc, uids[0] if uids else None, root, base + "/s",
-                      [python, "-I", "-S", "-B", harness_path, "solution"],
+                      [python, "-I", "-S", "-B", "-c", _BOOT_CHILD, harness_path, "solution"],
                       {0: devnull, 1: 1, 2: 2, _SOL_RFD: req_r, _SOL_WFD: rep_w})
         cfg_r, cfg_w = os.pipe()
         jpid = _spawn(job, libc, uids[1] if uids else None, root, base + "/j",
-                      [python, "-I", "-S", "-B", harness_path, "judge"],
+                      [python, "-I", "-S", "-B", "-c", _BOOT_CHILD, harness_path, "judge"],
                       {0: devnull, 1: 1, 2: 2, _JUDGE_RFD: rep_r, _JUDGE_WFD: req_w,
                        _JUDGE_VERDICT_FD: vfd, _JUDGE_CFG_FD: cfg_r})
         for fd in (req_r, req_w, rep_r, rep_w, cfg_r):
@@ -1027,45 +1100,72 @@ def _spawn(job: dict, libc: _Libc, uid: int | None, root: str | None, cwd: str, 
     os._exit(127)
 
 
-if __name__ == "__main__":
-    _role = sys.argv[1] if len(sys.argv) > 1 else ""
-    if _role == "solution":
-        sys.exit(_solution_main())
-    if _role == "judge":
-        sys.exit(_judge_main())
-    if _role == "launch":
-        sys.exit(_launcher_main())
-    sys.exit(f"usage: {sys.argv[0]} launch|solution|judge")
+def _child_main(role: str) -> int:
+    if role == "solution":
+        return _solution_main()
+    if role == "judge":
+        return _judge_main()
+    raise SystemExit(f"unknown role {role!r}")
+
+
+def _kill_uids(uids: list) -> int:
+    """The grader's backstop, run in a fresh single-threaded process (which may fork)."""
+    for uid in uids:
+        _kill_uid(int(uid))
+    return 0
+
+
+# Bootstraps (``python -I -S -B -c BOOT ...``): the launcher and the kill helper read
+# {"code", "entry", "args"} from stdin; the sandboxed children load the code object
+# that the init wrote, read-only to them, next to their working dirs.
+_BOOT_STDIN = (
+    "import marshal, sys\n"
+    "m = marshal.loads(sys.stdin.buffer.read())\n"
+    "g = {'__name__': 'uniopd_sandbox'}\n"
+    "exec(marshal.loads(m['code']), g)\n"
+    "sys.exit(g[m['entry']](*m['args']))\n"
+)
+_BOOT_CHILD = (
+    "import marshal, sys\n"
+    "g = {'__name__': 'uniopd_sandbox'}\n"
+    "with open(sys.argv[1], 'rb') as f:\n"
+    "    exec(marshal.loads(f.read()), g)\n"
+    "sys.exit(g['_child_main'](sys.argv[2]))\n"
+)
+# --- SANDBOX-SIDE END ---
 
 
 # ======================================================================================
 # Part 2 -- the grader's API (runs in the verifier actor).
 # ======================================================================================
 
-import ast  # noqa: E402
-import functools  # noqa: E402
-import hmac  # noqa: E402
-import logging  # noqa: E402
-import marshal  # noqa: E402
-import re  # noqa: E402
-import secrets  # noqa: E402
-import selectors  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
-from dataclasses import asdict, dataclass, replace  # noqa: E402
-from typing import Any, Literal  # noqa: E402
-
 logger = logging.getLogger(__name__)
 
 UID_BASE = int(os.environ.get("UNIOPD_SANDBOX_UID_BASE", "61000"))
 N_SLOTS = 128
 _HARNESS = os.path.abspath(__file__)
+_harness_lock = threading.Lock()
+_harness_code: bytes | None = None
+
+
+def _harness() -> bytes:
+    """The sandbox-side part of this file, compiled once, as marshal bytes."""
+    global _harness_code
+    with _harness_lock:
+        if _harness_code is None:
+            with open(_HARNESS, encoding="utf-8") as f:
+                text = f.read()
+            begin = text.index("# --- SANDBOX-SIDE BEGIN ---\n")
+            end = text.index("# --- SANDBOX-SIDE END ---\n")
+            header = "from __future__ import annotations\nimport os, sys\n"
+            pad = "\n" * (text.count("\n", 0, begin) - header.count("\n"))  # keep line numbers
+            _harness_code = marshal.dumps(compile(header + pad + text[begin:end], _HARNESS, "exec", dont_inherit=True))
+        return _harness_code
+
+
+def _boot_payload(entry: str, *args: object) -> bytes:
+    return marshal.dumps({"code": _harness(), "entry": entry, "args": list(args)})
+
 
 Reason = Literal[
     "passed",  # the judge ran the tests to the end, with at least one call of the solution
@@ -1212,30 +1312,33 @@ def detect_isolation(refresh: bool = False) -> Isolation:
             candidates += [Isolation(True, True, cgroup), Isolation(False, True, cgroup)]
         candidates.append(Isolation(False, False, False))
         limits = SandboxLimits(wall_seconds=10.0)
-        chosen = candidates[-1]
+        chosen, failures = None, []
         for iso in candidates:
-            try:
-                res = _run(_program_job("import sys; sys.stdout.write('ok')"), limits, iso).result
-            except Exception as e:  # noqa: BLE001
-                logger.debug("sandbox probe %s raised %s", iso, e)
-                continue
-            if res.returncode == 0 and res.stdout == b"ok":
-                chosen = iso
+            for attempt in ([iso, replace(iso, cgroup=False)] if iso.cgroup else [iso]):
+                try:  # a trivial program, through the whole machinery
+                    res = _run(_program_job("import sys; sys.stdout.write('ok')"), limits, attempt).result
+                except Exception as e:  # noqa: BLE001
+                    failures.append(f"{attempt}: {type(e).__name__}: {e}")
+                    continue
+                if res.returncode == 0 and res.stdout == b"ok":
+                    chosen = attempt
+                    break
+                failures.append(f"{attempt}: {res.sandbox_error or res.returncode} {res.stderr[-300:]!r}")
+            if chosen is not None:
                 break
-            if iso.cgroup:  # maybe only the cgroup is the problem
-                try:
-                    res = _run(_program_job("import sys; sys.stdout.write('ok')"), limits,
-                               replace(iso, cgroup=False)).result
-                    if res.returncode == 0 and res.stdout == b"ok":
-                        chosen = replace(iso, cgroup=False)
-                        break
-                except Exception:  # noqa: BLE001
-                    pass
-            logger.debug("sandbox probe %s failed: %r %r", iso, res.sandbox_error, res.stderr[-500:])
+        for failure in failures:
+            logger.debug("code sandbox probe failed: %s", failure)
+        if chosen is None:
+            chosen = candidates[-1]
+            logger.error("code sandbox: even the plainest set-up fails here; every code response will be "
+                         "graded harness_error: %s", failures)
         if not chosen.namespaces:
             _warn_once("ns", "code sandbox: no namespaces (need root with CAP_SYS_ADMIN): programs are NOT "
                        "network-isolated and see the host filesystem; see actors/verifiers/code.py")
-        if not chosen.setuid:
+        if not chosen.setuid and root:
+            logger.error("code sandbox: running as root but cannot switch to an unprivileged uid: untrusted "
+                         "programs run AS ROOT with only rlimits; do not train on this machine")
+        elif not chosen.setuid:
             _warn_once("uid", "code sandbox: not root, programs run as the grader's own user: no fork-bomb "
                        "containment, they can signal the grader, and verdicts are forgeable")
         if chosen.setuid and not chosen.cgroup:
@@ -1270,16 +1373,20 @@ def _acquire_slot() -> _Slot:
             sock.close()
             continue
         slot = _Slot(i, sock)
-        if _processes_of(slot.uids):  # left by a grader that died, or a foreign user
-            _warn_once(f"busy{i}", "code sandbox: uids %s have live processes; skipping that slot", slot.uids)
+        if _processes_of(slot.uids, zombies=True):  # unreaped zombies count against RLIMIT_NPROC
+            if _processes_of(slot.uids):  # live: left by a grader that died, or a foreign user
+                _warn_once(f"busy{i}", "code sandbox: uids %s have live processes; skipping that slot", slot.uids)
             sock.close()
             continue
         return slot
     raise RuntimeError("code sandbox: all run slots are busy")
 
 
-def _processes_of(uids: tuple[int, ...]) -> list[int]:
-    """Pids whose real, effective or saved uid is one of ``uids`` (reads /proc/*/status)."""
+def _processes_of(uids: tuple[int, ...], zombies: bool = False) -> list[int]:
+    """Pids whose real, effective or saved uid is one of ``uids`` (reads /proc/*/status).
+
+    Zombies (dead, waiting for a parent to reap them) are left out unless asked for:
+    without a PID namespace, killed orphans are reaped by the machine's init, at its pace."""
     wanted = {str(u).encode() for u in uids}
     out = []
     for name in os.listdir("/proc"):
@@ -1291,15 +1398,29 @@ def _processes_of(uids: tuple[int, ...]) -> list[int]:
         except OSError:
             continue
         i = data.find(b"\nUid:")
-        if i >= 0 and wanted.intersection(data[i + 5 : data.find(b"\n", i + 1)].split()[:3]):
-            out.append(int(name))
+        if i < 0 or not wanted.intersection(data[i + 5 : data.find(b"\n", i + 1)].split()[:3]):
+            continue
+        if not zombies:
+            j = data.find(b"\nState:")
+            if j >= 0 and data[j + 7 : j + 16].split()[:1] in ([b"Z"], [b"X"]):
+                continue
+        out.append(int(name))
     return out
 
 
 def _kill_processes_of(uids: tuple[int, ...], timeout: float = 2.0) -> int:
-    """SIGKILL (via pidfds, so a recycled pid is never hit) every process of ``uids``."""
+    """SIGKILL every process of ``uids``: first one kill(-1) sweep per uid by a helper that
+    drops to that uid (atomic against a fork bomb: no fork completes during the sweep), then
+    by pid through pidfds (a recycled pid is never hit) until none is left."""
     killed = 0
     deadline = time.monotonic() + timeout
+    if os.geteuid() == 0 and all(u > 0 for u in uids) and _processes_of(uids):
+        try:
+            subprocess.run([_python(), "-I", "-S", "-B", "-c", _BOOT_STDIN],
+                           input=_boot_payload("_kill_uids", list(uids)),
+                           capture_output=True, timeout=timeout, env={"PATH": _CHILD_ENV_PATH}, cwd="/")
+        except (OSError, subprocess.SubprocessError) as e:
+            logger.warning("code sandbox: kill helper failed: %s", e)
     while True:
         pids = _processes_of(uids)
         if not pids or time.monotonic() > deadline:
@@ -1445,7 +1566,7 @@ def _run(job: dict, limits: SandboxLimits, isolation: Isolation) -> _RawRun:
             parent_pid=os.getpid(),
             verdict_fd=vw,
             python=_sandbox_python(isolation),
-            harness=_HARNESS,
+            harness_code=_harness(),
             namespaces=isolation.namespaces,
             uids=list(slot.uids) if slot else None,
             host_dir=host_dir,
@@ -1453,9 +1574,9 @@ def _run(job: dict, limits: SandboxLimits, isolation: Isolation) -> _RawRun:
             cgroup_procs=[f"{cgroup}/cgroup.procs"] if cgroup else [],
             limits=_limits_dict(limits),
         )
-        payload = marshal.dumps(full_job)
+        payload = _boot_payload("_launcher_main", full_job)
         proc = subprocess.Popen(
-            [_python(), "-I", "-S", "-B", _HARNESS, "launch"],
+            [_python(), "-I", "-S", "-B", "-c", _BOOT_STDIN],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -1696,11 +1817,11 @@ def evaluate(response: str, row: Any, limits: SandboxLimits | None = None, *,
     isolation = isolation or detect_isolation()
     raw = _run(job, limits, isolation)
     res = raw.result
-    reason, detail = _judge_outcome(raw.verdict, nonce, res)
+    reason, detail = _judge_outcome(raw.verdict, nonce, res, limits)
     return CodeResult(reason == "passed", reason, detail, time.perf_counter() - t0)
 
 
-def _judge_outcome(verdict: bytes, nonce: str, res: RunResult) -> tuple[Reason, str]:
+def _judge_outcome(verdict: bytes, nonce: str, res: RunResult, limits: SandboxLimits) -> tuple[Reason, str]:
     judged: tuple[str, str] | None = None
     sol_status = judge_status = None
     pos = 0
@@ -1720,8 +1841,10 @@ def _judge_outcome(verdict: bytes, nonce: str, res: RunResult) -> tuple[Reason, 
             judge_status = int(header[2]) if header[2] != b"-" else None
     sol_signal = _signal_of(sol_status)
     tail = res.stderr[-300:].decode("utf-8", "replace").strip()
+    if judged is not None and judge_status in (0, None) and judged[0] == "passed":
+        return "passed", judged[1]  # written after the tests returned; teardown may have run late
     if res.timed_out:
-        return "timeout", f"over the {res.seconds:.1f} s wall-clock limit"
+        return "timeout", f"over the {limits.wall_seconds:g} s wall-clock limit"
     if res.sandbox_error:
         return "harness_error", res.sandbox_error
     if judged is None or judge_status != 0:
