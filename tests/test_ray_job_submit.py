@@ -56,7 +56,8 @@ def test_ray_job_submit_runs_training_on_a_local_head(tiny_demo, tmp_path):
         out_dir = tmp_path / "runs"
         overrides = demo_overrides(tiny_demo, **{"run.steps": 2, "run.output_dir": out_dir, "run.name": "job"})
         job = subprocess.run(
-            [str(bindir / "ray"), "job", "submit", "--address", addr, "--working-dir", str(REPO), "--",
+            [str(bindir / "ray"), "job", "submit", "--address", addr, "--working-dir", str(REPO),
+             "--runtime-env-json", json.dumps({"excludes": [".venv", ".cache", "runs", ".git"]}), "--",
              "python", "scripts/train.py", "configs/demo.yaml", *overrides],
             env=env, capture_output=True, text=True, timeout=900)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
