@@ -13,6 +13,7 @@ from typing import Any
 
 import ray
 
+from actors.concurrency import CONCURRENCY_GROUPS
 from actors.sampler import Sampler
 from actors.teacher import Teacher
 from actors.verifier import Verifier
@@ -33,6 +34,8 @@ def _remote(cls, num_cpus: float, num_gpus: float = 0, env: dict[str, str] | Non
     options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, **opts}
     if env:
         options["runtime_env"] = {"env_vars": env}
+    if any(getattr(getattr(cls, n), "__ray_concurrency_group__", None) for n in dir(cls) if not n.startswith("__")):
+        return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls).options(**options)
     return ray.remote(cls).options(**options)
 
 

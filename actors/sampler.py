@@ -19,7 +19,9 @@ import time
 from typing import Iterable
 
 import numpy as np
+import ray
 
+from actors.concurrency import CONTROL
 from buffers.records import Prompt, Rollout
 from configs.schema import SamplerConfig, WeightSyncConfig
 from learner.weight_sync import ParamSpec, WeightSyncGroup, plan_buckets
@@ -51,7 +53,6 @@ class Sampler:
         self._sync: WeightSyncGroup | None = None
         self._buckets = None
         self.busy_s = 0.0
-        self._born = time.perf_counter()
 
     # -- generation -----------------------------------------------------------------------
     def _encode(self, prompts: list[Prompt]) -> list[list[int]]:
@@ -124,7 +125,9 @@ class Sampler:
         weights = list(self._sync.receive(self._buckets))
         self._load(weights)
         self.version = version
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        return dt
 
     def _load(self, weights: Iterable) -> None:
         # vLLM's in-place reload (STACK.md: plain load_weights breaks after the CPU backend
@@ -132,14 +135,18 @@ class Sampler:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
 
+    @ray.method(concurrency_group=CONTROL)
     def get_version(self) -> int:
         return self.version
 
     def set_version(self, version: int) -> None:
         self.version = version
 
-    def busy_fraction(self) -> float:
-        return self.busy_s / max(1e-9, time.perf_counter() - self._born)
+    @ray.method(concurrency_group=CONTROL)
+    def busy_seconds(self) -> float:
+        """Seconds spent working (the driver turns deltas into idle fractions)."""
+        return self.busy_s
 
+    @ray.method(concurrency_group=CONTROL)
     def ready(self) -> bool:
         return True

@@ -18,6 +18,9 @@ import logging
 import time
 
 import numpy as np
+import ray
+
+from actors.concurrency import CONTROL
 import torch
 
 from buffers.records import Prompt, ScoredRollout, TeacherScore, VerifiedRollout
@@ -39,7 +42,6 @@ class Teacher:
         self.vocab_size = self.model.config.vocab_size
         self.busy_s = 0.0
         self.failures = 0
-        self._born = time.perf_counter()
 
     @torch.no_grad()
     def _score_chunk(self, rollouts: list[VerifiedRollout]) -> list[TeacherScore]:
@@ -99,9 +101,12 @@ class Teacher:
             texts.append(self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
         return texts
 
-    def busy_fraction(self) -> float:
-        return self.busy_s / max(1e-9, time.perf_counter() - self._born)
+    @ray.method(concurrency_group=CONTROL)
+    def busy_seconds(self) -> float:
+        """Seconds spent working (the driver turns deltas into idle fractions)."""
+        return self.busy_s
 
+    @ray.method(concurrency_group=CONTROL)
     def ready(self) -> bool:
         return True
 

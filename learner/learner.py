@@ -24,6 +24,9 @@ import socket
 import time
 
 import numpy as np
+import ray
+
+from actors.concurrency import CONTROL
 import torch
 
 from buffers.records import TrainBatch, TrainSample
@@ -124,7 +127,6 @@ class Learner:
         self.version = 0
         self.steps_done = 0
         self.busy_s = 0.0
-        self._born = time.perf_counter()
         self._sync: WeightSyncGroup | None = None
 
     # -- setup ----------------------------------------------------------------------------
@@ -289,10 +291,14 @@ class Learner:
         elif self.rank == 0:
             sent = self._sync.send(self._buckets, dict(self._full_named_params()))
         self.version = version
-        return {"weight_sync/seconds": time.perf_counter() - t0, "weight_sync/bytes": float(sent)}
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        return {"weight_sync/seconds": dt, "weight_sync/bytes": float(sent)}
 
-    def busy_fraction(self) -> float:
-        return self.busy_s / max(1e-9, time.perf_counter() - self._born)
+    @ray.method(concurrency_group=CONTROL)
+    def busy_seconds(self) -> float:
+        """Seconds spent working (the driver turns deltas into idle fractions)."""
+        return self.busy_s
 
     def save_hf(self, out_dir: str) -> str:
         """Export the student in Hugging Face format (rank 0 writes)."""
