@@ -163,8 +163,8 @@ class Pipeline:
         ``on_step(step, metrics)`` is called after each step's weight sync."""
         a, cfg = self.a, self.cfg
         B, N = cfg.data.prompts_per_step, len(a.samplers)
-        chunk = cfg.sampler.chunk_prompts or max(1, -(-B // N))
-        inflight: dict[int, tuple[list[Prompt], list]] = {}  # sampler → (prompts, buffer.add refs)
+        chunk = cfg.sampler.chunk_prompts or max(1, -(-B // (2 * N)))
+        inflight: list[tuple[int, list[Prompt], list]] = []  # (sampler, prompts, buffer.add refs)
         train_refs: list = []
         sync_refs: list = []
         step = 0
@@ -172,18 +172,19 @@ class Pipeline:
         m: dict[str, float] = {}
         busy0, t_loop = self.busy_seconds(), time.perf_counter()
         while step < steps:
-            for i in range(N):  # feed idle samplers as far as admission allows
-                if i in inflight:
-                    continue
-                prompts = _get(a.buffer.admit.remote(chunk), "buffer admission", self.timeout)
-                if not prompts:
-                    break
-                inflight[i] = (prompts, self.produce_on(i, prompts))
+            load = [sum(1 for c in inflight if c[0] == i) for i in range(N)]
+            for i in sorted(range(N), key=lambda i: load[i]):  # feed samplers as far as admission allows
+                while load[i] < cfg.sampler.max_inflight_chunks:
+                    prompts = _get(a.buffer.admit.remote(chunk), "buffer admission", self.timeout)
+                    if not prompts:
+                        break
+                    inflight.append((i, prompts, self.produce_on(i, prompts)))
+                    load[i] += 1
             if not train_refs and not sync_refs:
                 if _get(a.buffer.num_ready.remote(), "buffer", self.timeout) >= B:
                     batch_ref = a.buffer.get_batch.remote()
                     train_refs, t_train = self.launch_train(batch_ref), time.perf_counter()
-            waiting = [r for _, refs in inflight.values() for r in refs] + train_refs + sync_refs
+            waiting = [r for _, _, refs in inflight for r in refs] + train_refs + sync_refs
             if not waiting:
                 raise StageError("pipeline stalled: nothing in flight and no batch ready (admission "
                                  "control admits no prompt); check data.prompts_per_step and buffer.max_lag")
@@ -191,10 +192,13 @@ class Pipeline:
             if not done:
                 raise StageError(f"no stage finished within {self.timeout:.0f}s (run.call_timeout_s): "
                                  f"{len(inflight)} rollout chunks, train={bool(train_refs)}, sync={bool(sync_refs)}")
-            for i, (prompts, refs) in list(inflight.items()):
+            still = []
+            for i, prompts, refs in inflight:
                 if len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs):
                     _get(refs, f"rollout on sampler {i} (sample → verify → teacher → buffer)", self.timeout)
-                    del inflight[i]
+                else:
+                    still.append((i, prompts, refs))
+            inflight = still
             if train_refs and len(ray.wait(train_refs, num_returns=len(train_refs), timeout=0)[0]) == len(train_refs):
                 m = _learner_metrics(_get(train_refs, "learner train step", self.timeout))
                 m["time/train_s"] = time.perf_counter() - t_train

@@ -97,8 +97,11 @@ class SamplerConfig(_Section):
     type: Literal["vllm"] = "vllm"
     num_samplers: int = Field(1, ge=1, description="N sampler actors, each holding one vLLM engine.")
     chunk_prompts: int = Field(
-        0, ge=0, description="Prompts per generate call (0: prompts_per_step / num_samplers). Smaller chunks "
+        0, ge=0, description="Prompts per generate call (0: prompts_per_step / (2·num_samplers)). Smaller chunks "
         "give weight syncs earlier turns (they wait for the call in progress), larger ones batch better.")
+    max_inflight_chunks: int = Field(
+        2, ge=1, description="Chunks queued per sampler: with 2, a sampler generates the next chunk while the "
+        "last one is verified and scored.")
     n: int = Field(8, ge=1, description="Responses per prompt (the group size).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0 keeps behaviour log-probs unbiased).")
     top_p: float = Field(1.0, gt=0, le=1)

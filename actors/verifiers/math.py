@@ -10,8 +10,10 @@ equality when ``math_verify`` cannot parse either side.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Mapping
+from fractions import Fraction
 from typing import Any
 
 from math_verify import parse, verify
@@ -19,6 +21,7 @@ from math_verify import parse, verify
 logger = logging.getLogger(__name__)
 
 BOXED = "\\boxed{"
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
 # math_verify enforces its timeouts with signal.alarm, which raises in any thread but the
 # main one (Ray runs threaded actors and async actors off the main thread).
 _TIMEOUT_S = 5
@@ -51,6 +54,10 @@ def answers_match(pred: str, gold: str) -> bool:
     pred, gold = pred.strip(), gold.strip()
     if pred == gold:
         return True
+    # Fast path for plain decimals (most synthetic and many real answers): exact rational
+    # comparison in microseconds instead of a sympy parse (~4 ms, the verifier's hot spot).
+    if _PLAIN_NUMBER.fullmatch(pred) and _PLAIN_NUMBER.fullmatch(gold):
+        return Fraction(pred) == Fraction(gold)
     timeout = _timeout()
     # Wrapping in $...$ makes math_verify read the strings as LaTeX math; bare numbers parse too.
     gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
