@@ -67,13 +67,14 @@ def spawn_actors(cfg: RunConfig, train_prompts: list[Prompt]) -> Actors:
     env = {**_SAMPLER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_gib)}
     samplers = [
         _remote(Sampler, s.num_cpus, s.num_gpus, env, max_restarts=2).remote(
-            cfg.student.path, s, rank=i, seed=cfg.run.seed)
+            cfg.student.path, s, rank=i, seed=cfg.run.seed, chaos_delay_s=cfg.chaos.sampler_delay_s)
         for i in range(s.num_samplers)
     ]
     top_k = cfg.learner.objective.top_k if cfg.needs_topk else 0
     teachers = {
         name: [_remote(Teacher, t.num_cpus, t.num_gpus, max_restarts=2).remote(
-            name, t, top_k=top_k, max_new_tokens=s.max_new_tokens) for _ in range(t.replicas)]
+            name, t, top_k=top_k, max_new_tokens=s.max_new_tokens, chaos_delay_s=cfg.chaos.teacher_delay_s,
+            seed=cfg.run.seed + j) for j in range(t.replicas)]
         for name, t in cfg.teachers.items()
     }
     verifier = _remote(Verifier, cfg.verifier.num_cpus, max_restarts=2).remote(cfg.domains)

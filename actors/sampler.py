@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from typing import Iterable
 
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class Sampler:
-    def __init__(self, model_path: str, cfg: SamplerConfig, *, rank: int = 0, seed: int = 0) -> None:
+    def __init__(self, model_path: str, cfg: SamplerConfig, *, rank: int = 0, seed: int = 0,
+                 chaos_delay_s: float = 0.0) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -50,6 +52,7 @@ class Sampler:
             enable_prefix_caching=False,
         )
         self.version = 0
+        self._chaos = (random.Random(seed + 7919 * rank), chaos_delay_s)
         self._sync: WeightSyncGroup | None = None
         self._buckets = None
         self.busy_s = 0.0
@@ -62,6 +65,9 @@ class Sampler:
         """n responses per prompt, sampled, with behaviour log-probs and the policy version."""
         from vllm import SamplingParams, TokensPrompt
 
+        rng, delay = self._chaos
+        if delay:
+            time.sleep(rng.uniform(0, delay))  # fault injection (config `chaos`), not counted as busy
         t0 = time.perf_counter()
         params = SamplingParams(
             n=self.cfg.n,

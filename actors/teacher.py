@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import time
 
 import numpy as np
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class Teacher:
-    def __init__(self, name: str, cfg: TeacherConfig, *, top_k: int = 0, max_new_tokens: int = 16) -> None:
+    def __init__(self, name: str, cfg: TeacherConfig, *, top_k: int = 0, max_new_tokens: int = 16,
+                 chaos_delay_s: float = 0.0, seed: int = 0) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)) if cfg.num_cpus >= 1 else 1)
@@ -42,6 +44,7 @@ class Teacher:
         self.vocab_size = self.model.config.vocab_size
         self.busy_s = 0.0
         self.failures = 0
+        self._chaos = (random.Random(seed), chaos_delay_s)
 
     @torch.no_grad()
     def _score_chunk(self, rollouts: list[VerifiedRollout]) -> list[TeacherScore]:
@@ -71,6 +74,9 @@ class Teacher:
         return out
 
     def score(self, rollouts: list[VerifiedRollout]) -> list[ScoredRollout]:
+        rng, delay = self._chaos
+        if delay:
+            time.sleep(rng.uniform(0, delay))  # fault injection (config `chaos`)
         t0 = time.perf_counter()
         try:
             scores: list[TeacherScore] = []

@@ -185,6 +185,13 @@ class WeightSyncConfig(_Section):
     master_addr: str = "127.0.0.1"
 
 
+class ChaosSection(_Section):
+    """Fault injection for tests and drills: random delays in the stages (off by default)."""
+
+    sampler_delay_s: float = Field(0.0, ge=0, description="Each generate call first sleeps U(0, this) seconds.")
+    teacher_delay_s: float = Field(0.0, ge=0, description="Each teacher call first sleeps U(0, this) seconds.")
+
+
 class RunConfig(_Section):
     run: RunSection = RunSection()
     demo: DemoSection = DemoSection()
@@ -197,6 +204,7 @@ class RunConfig(_Section):
     buffer: BufferConfig = BufferConfig()
     learner: LearnerConfig = LearnerConfig()
     weight_sync: WeightSyncConfig = WeightSyncConfig()
+    chaos: ChaosSection = ChaosSection()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
