@@ -25,18 +25,24 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from actors import checkpoint
 from actors.metrics import MetricsWriter
 from actors.placement import Actors, resource_plan, spawn_actors
 from actors.teacher import TeacherRouter
 from buffers.dataset import load_prompts
 from buffers.records import Prompt
-from configs.schema import RunConfig, check_paths, dump_config
+from configs.schema import ConfigError, RunConfig, check_paths, dump_config
 
 log = logging.getLogger("uniopd")
 
 
 class StageError(RuntimeError):
-    """A stage failed or timed out; the message names it."""
+    """A stage failed or timed out; the message names it. ``actor_died`` tells a dead actor
+    (recoverable for samplers and teachers) from a hang."""
+
+    def __init__(self, msg: str, actor_died: bool = False) -> None:
+        super().__init__(msg)
+        self.actor_died = actor_died
 
 
 def _get(refs, stage: str, timeout: float):
@@ -46,7 +52,7 @@ def _get(refs, stage: str, timeout: float):
         raise StageError(f"{stage}: no answer within {timeout:.0f}s (run.call_timeout_s); "
                          "an actor is hung or the cluster lacks resources") from e
     except ray.exceptions.RayActorError as e:
-        raise StageError(f"{stage}: an actor died: {e}") from e
+        raise StageError(f"{stage}: an actor died: {str(e).splitlines()[0]}", actor_died=True) from e
 
 
 def describe_plan(cfg: RunConfig) -> str:
@@ -79,6 +85,8 @@ class Pipeline:
         self.router = TeacherRouter(cfg.teacher_of_domain, actors.teachers)
         self.timeout = cfg.run.call_timeout_s
         self.version = 0
+        self.faults = 0
+        self.incarnations: list[str] = []
 
     # -- setup ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -88,6 +96,7 @@ class Pipeline:
         addr, port = _get(a.learners[0].dist_address.remote(), "learner address", t)
         n_params = _get([lr.init_engine.remote(addr, port) for lr in a.learners], "learner DeepSpeed init", t)[0]
         log.info("learner ready: %d parameters, world size %d", n_params, len(a.learners))
+        self.incarnations = _get([s.incarnation.remote() for s in a.samplers], "sampler identity", t)
         self._join_weight_sync()
 
     def _join_weight_sync(self) -> None:
@@ -155,7 +164,7 @@ class Pipeline:
                 "learner": float(np.mean(vals[ns + nt:]))}
 
     # -- the loop ---------------------------------------------------------------------------
-    def train_loop(self, steps: int, on_step) -> None:
+    def train_loop(self, steps: int, on_step, start_step: int = 0) -> None:
         """Samplers, teachers, buffer and learner run concurrently; the learner trains as soon
         as B groups are ready; admission control in the buffer bounds the lag (SPEC §2).
         With max_lag = 0 this is exactly synchronous on-policy training.
@@ -167,7 +176,7 @@ class Pipeline:
         inflight: list[tuple[int, list[Prompt], list]] = []  # (sampler, prompts, buffer.add refs)
         train_refs: list = []
         sync_refs: list = []
-        step = 0
+        step = start_step
         t_train = t_sync = 0.0
         m: dict[str, float] = {}
         busy0, t_loop = self.busy_seconds(), time.perf_counter()
@@ -192,21 +201,41 @@ class Pipeline:
             if not done:
                 raise StageError(f"no stage finished within {self.timeout:.0f}s (run.call_timeout_s): "
                                  f"{len(inflight)} rollout chunks, train={bool(train_refs)}, sync={bool(sync_refs)}")
-            still = []
+            still, failed = [], []
             for i, prompts, refs in inflight:
                 if len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs):
-                    _get(refs, f"rollout on sampler {i} (sample → verify → teacher → buffer)", self.timeout)
+                    try:
+                        _get(refs, f"rollout on sampler {i} (sample → verify → teacher → buffer)", self.timeout)
+                    except StageError as e:
+                        if not e.actor_died:
+                            raise
+                        failed.append((prompts, str(e)))
                 else:
                     still.append((i, prompts, refs))
             inflight = still
+            if failed:
+                # a sampler, verifier or teacher died: its chunk goes back to the queue (the buffer
+                # only requeues prompts whose group did not complete), Ray restarts the actor
+                for prompts, _ in failed:
+                    _get(a.buffer.requeue.remote(prompts), "requeue after failure", self.timeout)
+                self.recover(failed[0][1])
             if train_refs and len(ray.wait(train_refs, num_returns=len(train_refs), timeout=0)[0]) == len(train_refs):
                 m = _learner_metrics(_get(train_refs, "learner train step", self.timeout))
                 m["time/train_s"] = time.perf_counter() - t_train
                 self.version += 1
                 train_refs, sync_refs, t_sync = [], self.launch_sync(self.version), time.perf_counter()
             if sync_refs and len(ray.wait(sync_refs, num_returns=len(sync_refs), timeout=0)[0]) == len(sync_refs):
-                res = _get(sync_refs, "weight sync (broadcast learner → samplers)",
-                           cfg.weight_sync.timeout_s + 30)
+                try:
+                    res = _get(sync_refs, "weight sync (broadcast learner → samplers)",
+                               cfg.weight_sync.timeout_s + 30)
+                except StageError as e:
+                    # a sampler that died mid-sync: the group is re-formed and the weights re-sent;
+                    # any other sync failure (the learner, a hang) stops the run
+                    _get([lr.ready.remote() for lr in a.learners], "learner (after a failed weight sync)",
+                         self.timeout)
+                    if not self.recover(str(e)):
+                        raise
+                    res = [{"weight_sync/seconds": 0.0, "weight_sync/bytes": 0.0}]
                 _get(a.buffer.set_version.remote(self.version), "buffer version update", self.timeout)
                 sync_refs = []
                 step += 1
@@ -215,8 +244,30 @@ class Pipeline:
                 busy, wall = self.busy_seconds(), time.perf_counter() - t_loop
                 for role in ("sampler", "teacher", "learner"):
                     m[f"{role}/idle_frac"] = max(0.0, 1.0 - (busy[role] - busy0[role]) / wall)
+                m["faults/actor_failures"] = float(self.faults)
                 on_step(step, m)
                 self.check_alive()
+
+    def recover(self, what: str) -> bool:
+        """After a sampler, verifier or teacher died: wait for Ray to restart it. A restarted sampler
+        left the weight-sync group and holds the initial weights, so the group is formed again
+        and the current weights are broadcast before it generates. Returns whether a sampler
+        had restarted."""
+        self.faults += 1
+        a = self.a
+        teachers = [h for hs in a.teachers.values() for h in hs]
+        _get([h.ready.remote() for h in a.samplers + teachers + [a.verifier]],
+             f"restart after failure ({what})", self.timeout)
+        now = _get([s.incarnation.remote() for s in a.samplers], "sampler identity", self.timeout)
+        if now == self.incarnations:
+            log.warning("recovered from %s: its prompts were requeued", what)
+            return False
+        log.warning("sampler restarted (%s): re-forming the weight-sync group, re-sending version %d",
+                    what, self.version)
+        self.incarnations = now
+        self._join_weight_sync()
+        _get(self.launch_sync(self.version), "weight sync to a restarted sampler", self.cfg.weight_sync.timeout_s + 30)
+        return True
 
     def check_alive(self) -> None:
         _get([h.ready.remote() for h in self.a.samplers] + [self.a.buffer.ready_flag.remote()],
@@ -251,10 +302,16 @@ class Pipeline:
         return {d: float(np.mean(v)) for d, v in sorted(acc.items())}
 
 
+# Each rank reports its share of these (loss terms are already divided by the global response
+# count, SPEC §1; tokens are its shard's): the step's value is the sum over ranks.
+_SUMMED_OVER_RANKS = ("loss", "pg_loss", "dist_loss", "tokens")
+
+
 def _learner_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Rank-local learner metrics → one value each (mean over ranks; loss terms are global already)."""
+    """Rank-local learner metrics → one value each: shares are summed, rates and timings averaged."""
     keep = ("loss", "mismatch_kl")
-    return {k if k in keep else f"learner/{k}": float(np.mean([r[k] for r in per_rank])) for k in per_rank[0]}
+    return {k if k in keep else f"learner/{k}":
+            float((np.sum if k in _SUMMED_OVER_RANKS else np.mean)([r[k] for r in per_rank])) for k in per_rank[0]}
 
 
 def _heldout(cfg: RunConfig, verifier_of_domain: dict[str, str]) -> list[Prompt]:
@@ -273,12 +330,19 @@ def _heldout(cfg: RunConfig, verifier_of_domain: dict[str, str]) -> list[Prompt]
 
 
 def run(cfg: RunConfig) -> dict:
-    """Validate inputs, start Ray and the actors, train ``run.steps`` steps, write the summary."""
+    """Validate inputs, start Ray and the actors, train ``run.steps`` steps (resuming from the
+    latest complete checkpoint when ``run.resume`` names a run directory), write the summary."""
     check_paths(cfg)
     verifier_of_domain = {d: c.verifier.type for d, c in cfg.domains.items()}
     train = load_prompts(cfg.data.train, verifier_of_domain, cfg.data.on_bad_row)
     heldout = _heldout(cfg, verifier_of_domain)
-    run_dir = cfg.run_dir
+    run_dir = Path(cfg.run.resume) if cfg.run.resume else cfg.run_dir
+    ckpt = None
+    if cfg.run.resume:
+        ckpt = checkpoint.latest_complete(run_dir)
+        if ckpt is None:
+            raise ConfigError(f"`run.resume` is {cfg.run.resume!r}: no complete checkpoint under "
+                              f"{checkpoint.root(run_dir)}; start a new run instead")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     log.info("plan:\n%s", describe_plan(cfg))
@@ -303,14 +367,33 @@ def run(cfg: RunConfig) -> dict:
         pipe.start()
         log.info("actors up in %.1fs", time.perf_counter() - t_setup)
         summary: dict = {"steps": 0, "accuracy": {}}
-        if heldout:
+        start_step = 0
+        if ckpt is not None:
+            meta = checkpoint.load_meta(ckpt)
+            _get([lr.load_checkpoint.remote(str(ckpt / "learner")) for lr in actors.learners], "load learner", pipe.timeout)
+            requeued = _get(actors.buffer.load.remote(str(ckpt / "buffer.pkl")), "load buffer", pipe.timeout)
+            pipe.version, start_step = meta["version"], meta["step"]
+            _get(pipe.launch_sync(pipe.version), "weight sync after resume", cfg.weight_sync.timeout_s + 30)
+            _get(actors.buffer.set_version.remote(pipe.version), "buffer version", pipe.timeout)
+            summary = meta["summary"]
+            summary["resumed_from_step"] = start_step
+            log.info("resumed from %s: step %d, policy version %d, %d in-flight prompts requeued", ckpt,
+                     start_step, pipe.version, requeued)
+        elif heldout:
             summary["accuracy"]["teacher"] = pipe.evaluate_teachers(heldout)
             summary["accuracy"]["before"] = pipe.evaluate_student(heldout)
             log.info("held-out accuracy: teacher %s, student before %s", summary["accuracy"]["teacher"],
                      summary["accuracy"]["before"])
             writer.write(0, {f"accuracy/heldout/{d}": v for d, v in summary["accuracy"]["before"].items()})
-        totals = {"samples": 0, "tokens": 0}
+        totals = summary.setdefault("totals", {"samples": 0, "tokens": 0, "seconds": 0.0, "sync_s": []})
         t_loop = time.perf_counter()
+        seconds0 = totals["seconds"]
+
+        def save_checkpoint(step: int) -> None:
+            totals["seconds"] = seconds0 + time.perf_counter() - t_loop
+            checkpoint.save(run_dir, step, pipe.version, actors.learners, actors.buffer, {"summary": summary},
+                            keep=cfg.learner.keep_checkpoints, timeout=pipe.timeout,
+                            crash_after_learner=cfg.chaos.crash_in_checkpoint_step == step)
 
         def on_step(step: int, m: dict[str, float]) -> None:
             batch_metrics, bstats = _get([actors.buffer.last_batch_metrics.remote(), actors.buffer.stats.remote()],
@@ -318,7 +401,7 @@ def run(cfg: RunConfig) -> dict:
             m.update(batch_metrics)
             totals["samples"] += int(batch_metrics.get("batch/responses", 0))
             totals["tokens"] += int(batch_metrics.get("batch/tokens", 0))
-            elapsed = time.perf_counter() - t_loop
+            elapsed = seconds0 + time.perf_counter() - t_loop
             m.update({"throughput/samples_per_s": totals["samples"] / elapsed,
                       "throughput/tokens_per_s": totals["tokens"] / elapsed, "policy/version": pipe.version,
                       **{f"buffer/{k}": float(v) for k, v in bstats.items()}})
@@ -330,25 +413,36 @@ def run(cfg: RunConfig) -> dict:
             for key in ("sampler/idle_frac", "learner/idle_frac", "teacher/idle_frac"):
                 summary[key.replace("/", "_")] = m[key]
             summary["lag_max"] = max(summary.get("lag_max", 0), m.get("lag/max", 0))
-            sync_s.append(m.get("weight_sync/seconds", 0.0))
+            summary["actor_failures"] = summary.get("actor_failures", 0) + (pipe.faults - summary.get("_faults", 0))
+            summary["_faults"] = pipe.faults
+            totals["sync_s"].append(m.get("weight_sync/seconds", 0.0))
+            k = cfg.learner.checkpoint_every
+            if k and step % k == 0 and step != cfg.run.steps:
+                save_checkpoint(step)
 
-        sync_s: list[float] = []
-        pipe.train_loop(cfg.run.steps, on_step)
-        samples, tokens = totals["samples"], totals["tokens"]
-        summary["weight_sync_s_mean"] = float(np.mean(sync_s)) if sync_s else 0.0
-        elapsed = time.perf_counter() - t_loop
-        summary["samples_per_s"] = samples / elapsed
-        summary["tokens_per_s"] = tokens / elapsed
+        try:
+            pipe.train_loop(cfg.run.steps, on_step, start_step=start_step)
+        except StageError as e:
+            last = checkpoint.latest_complete(run_dir)
+            hint = (f"resume with `run.resume={run_dir}` (latest checkpoint: {last.name})" if last
+                    else "no checkpoint was written yet (set learner.checkpoint_every)")
+            raise StageError(f"{e}\nthe run stopped at step {summary['steps']}; {hint}") from e
+        elapsed = seconds0 + time.perf_counter() - t_loop
+        summary["weight_sync_s_mean"] = float(np.mean(totals["sync_s"])) if totals["sync_s"] else 0.0
+        summary["samples_per_s"] = totals["samples"] / elapsed
+        summary["tokens_per_s"] = totals["tokens"] / elapsed
         summary["train_seconds"] = elapsed
         if heldout:
             summary["accuracy"]["after"] = pipe.evaluate_student(heldout)
             writer.write(cfg.run.steps, {f"accuracy/heldout/{d}": v for d, v in summary["accuracy"]["after"].items()})
             log.info("held-out accuracy after: %s (teacher %s)", summary["accuracy"]["after"],
-                     summary["accuracy"]["teacher"])
-        export = str(run_dir / "student")
-        _get([lr.save_hf.remote(export) for lr in actors.learners[:1]], "export student", pipe.timeout)
-        summary["student_export"] = export
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                     summary["accuracy"].get("teacher"))
+        save_checkpoint(summary["steps"])  # on clean shutdown
+        summary["student_export"] = str(checkpoint.latest_complete(run_dir) / "hf")
+        summary["accounting"] = _accounting_summary(_get(actors.buffer.get_accounting.remote(), "accounting",
+                                                         pipe.timeout))
+        (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()
+                                                          if not k.startswith("_") and k != "totals"}, indent=2))
         return summary
     finally:
         writer.close()
@@ -357,3 +451,10 @@ def run(cfg: RunConfig) -> dict:
                 ray.kill(h, no_restart=True)
         if started_ray:
             ray.shutdown()
+
+
+def _accounting_summary(acc: list[tuple[str, int, str]]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for _, _, outcome in acc:
+        out[outcome] += 1
+    return dict(out)

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from typing import Iterable
 
 import numpy as np
@@ -52,6 +53,7 @@ class Sampler:
             enable_prefix_caching=False,
         )
         self.version = 0
+        self._incarnation = uuid.uuid4().hex
         self._chaos = (random.Random(seed + 7919 * rank), chaos_delay_s)
         self._sync: WeightSyncGroup | None = None
         self._buckets = None
@@ -140,6 +142,11 @@ class Sampler:
         # repacks linear weights). The prefix cache holds KV of the old policy: drop it.
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
+
+    @ray.method(concurrency_group=CONTROL)
+    def incarnation(self) -> str:
+        """Changes when Ray restarts this actor (the driver then re-sends the weights)."""
+        return self._incarnation
 
     @ray.method(concurrency_group=CONTROL)
     def get_version(self) -> int:

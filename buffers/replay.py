@@ -16,6 +16,7 @@ Invariants it keeps:
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
@@ -217,6 +218,33 @@ class ReplayBuffer:
     def last_batch_metrics(self) -> dict[str, float]:
         """Metrics of the last batch handed out (the batch itself goes straight to the learner)."""
         return dict(self._last_metrics)
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Everything needed to continue: dataset cursor, ready groups, in-flight prompts, counters,
+        accounting, RNG. Partial groups are not saved: their prompts are requeued on load."""
+        state = {
+            "queue": list(self.queue), "epoch": self.epoch, "next_uid": self.next_uid, "version": self.version,
+            "running": list(self.running.values()), "ready": list(self.ready), "accepted": self.accepted,
+            "counters": dict(self.counters), "accounting": list(self.accounting), "rng": self.rng.getstate(),
+        }
+        with open(path, "wb") as f:
+            pickle.dump(state, f)
+
+    def load(self, path: str) -> int:
+        """Restore a saved state; prompts that were in flight go back to the front of the queue.
+        Returns how many were requeued."""
+        with open(path, "rb") as f:
+            st = pickle.load(f)
+        self.queue = deque(st["queue"])
+        self.epoch, self.next_uid, self.version = st["epoch"], st["next_uid"], st["version"]
+        self.ready, self.accepted = deque(st["ready"]), st["accepted"]
+        self.counters, self.accounting = Counter(st["counters"]), list(st["accounting"])
+        self.rng.setstate(st["rng"])
+        self.running, self.pending = {p.uid: p for p in st["running"]}, {}
+        lost = list(self.running.values())
+        self.requeue(lost)
+        return len(lost)
 
     # -- learner progress ---------------------------------------------------------------------
     def set_version(self, version: int) -> None:

@@ -175,7 +175,10 @@ class LearnerConfig(_Section):
     importance: ImportanceConfig = ImportanceConfig()
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
-    checkpoint_every: int = Field(0, ge=0, description="Save every K steps (0: only at the end).")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every K steps (0: only at the end of the run).")
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept (older ones are deleted).")
+    skip_nonfinite: bool = Field(True, description="A NaN/inf loss or gradient skips the step (weights kept) "
+                                 "instead of stopping the run.")
 
 
 class WeightSyncConfig(_Section):
@@ -190,6 +193,8 @@ class ChaosSection(_Section):
 
     sampler_delay_s: float = Field(0.0, ge=0, description="Each generate call first sleeps U(0, this) seconds.")
     teacher_delay_s: float = Field(0.0, ge=0, description="Each teacher call first sleeps U(0, this) seconds.")
+    crash_in_checkpoint_step: int = Field(
+        0, ge=0, description="Kill the driver half-way through writing the checkpoint of this step (0: never).")
 
 
 class RunConfig(_Section):

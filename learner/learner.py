@@ -296,9 +296,34 @@ class Learner:
         return {"weight_sync/seconds": dt, "weight_sync/bytes": float(sent)}
 
     @ray.method(concurrency_group=CONTROL)
+    def ready(self) -> bool:
+        return True
+
+    @ray.method(concurrency_group=CONTROL)
     def busy_seconds(self) -> float:
         """Seconds spent working (the driver turns deltas into idle fractions)."""
         return self.busy_s
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, path: str, client_state: dict) -> None:
+        """DeepSpeed state (model, optimizer, scheduler, ZeRO shards) + RNG; every rank calls this."""
+        self.engine.save_checkpoint(path, tag="state", client_state={
+            **client_state, "torch_rng": torch.get_rng_state(), "version": self.version,
+            "steps_done": self.steps_done})
+
+    def load_checkpoint(self, path: str) -> dict:
+        load_path, client = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"no learner checkpoint under {path}")
+        torch.set_rng_state(client["torch_rng"])
+        self.version, self.steps_done = client["version"], client["steps_done"]
+        return {k: v for k, v in client.items() if k != "torch_rng"}
+
+    def param_checksum(self) -> float:
+        """Sum of |θ| over all parameters (to check that a load restored what was saved)."""
+        with torch.no_grad():
+            return float(sum(p.detach().double().abs().sum() for p in self.engine.module.parameters()))
 
     def save_hf(self, out_dir: str) -> str:
         """Export the student in Hugging Face format (rank 0 writes)."""

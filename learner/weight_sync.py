@@ -84,23 +84,25 @@ class WeightSyncGroup:
         self, *, backend: str, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float
     ) -> None:
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"weight_sync.backend {backend!r}: use 'gloo' (CPU) or 'nccl' (GPU)")
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         timeout = datetime.timedelta(seconds=timeout_s)
         try:
             store = dist.TCPStore(master_addr, master_port, world_size, rank == 0, timeout=timeout)
+            # The process group waits for every peer's address in the store: a peer that reached
+            # the store but never created its group times out here, not in TCPStore.
+            if backend == "gloo":
+                self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+            else:
+                opts = dist.ProcessGroupNCCL.Options()
+                opts._timeout = timeout
+                self.pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
         except Exception as e:  # noqa: BLE001 - re-raised with the stage named
             raise WeightSyncTimeout(
                 f"weight sync: rank {rank} could not join the group at {master_addr}:{master_port} "
                 f"within {timeout_s}s ({e}); check that every sampler and learner rank 0 started"
             ) from e
-        if backend == "gloo":
-            self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
-        elif backend == "nccl":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            self.pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
-        else:
-            raise ValueError(f"weight_sync.backend {backend!r}: use 'gloo' (CPU) or 'nccl' (GPU)")
         self.backend = backend
 
     def _wait(self, work, what: str) -> None:

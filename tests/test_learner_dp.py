@@ -1,0 +1,132 @@
+"""Data-parallel learner (learner/learner.py): two DeepSpeed ranks as Ray actors must take the
+same optimizer step as one learner on the whole batch.
+
+Each rank trains on ``samples[rank::W]`` with the SPEC §1 loss divided by the *global* response
+count and multiplied by W, because DeepSpeed averages gradients over the W ranks. If that
+scaling were wrong, the W=2 gradient would be a multiple of the W=1 gradient. Gradient
+clipping (norm 1) and AdamW's first step (update ≈ lr·sign(g)) both hide a constant gradient
+scale, so the parameters cannot catch it (measured: with the ×W removed the W=2 log-probs still
+matched W=1 to 1.2e-6): the reported pre-clip gradient norm, taken after DeepSpeed's all-reduce,
+is the check on the scale, and the log-probs after the step are the check on the direction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+N = 16  # responses in the batch
+VOCAB = 46  # the fast demo's character tokenizer (checked in the fixture)
+
+
+def _batch():
+    from buffers.records import TrainBatch, TrainSample
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(N):
+        P, T = 3 + i % 4, 2 + (i * 5) % 7  # ragged prompts and responses: padding is exercised
+        K = 4
+        topk_ids = np.stack([rng.choice(np.arange(2, VOCAB), size=K, replace=False) for _ in range(T)])
+        topk_lp = np.sort(np.log(rng.dirichlet(np.ones(K + 1), size=T)[:, :K]), axis=1)[:, ::-1]
+        samples.append(TrainSample(
+            prompt_ids=[int(x) for x in rng.integers(2, VOCAB, size=P)],
+            response_ids=[int(x) for x in rng.integers(2, VOCAB, size=T)],
+            behaviour_logprobs_T=rng.uniform(-4.5, -3.0, size=T).astype(np.float32),
+            # one failed teacher call (A_t = 0) among them
+            teacher_logprobs_T=None if i == 5 else rng.uniform(-3.0, -0.2, size=T).astype(np.float32),
+            topk_ids_TK=None if i == 5 else topk_ids.astype(np.int32),
+            topk_logprobs_TK=None if i == 5 else np.ascontiguousarray(topk_lp, dtype=np.float32),
+            advantage_shift=0.1 if i % 3 == 0 else 0.0,
+            weight=0.0 if i in (2, 11) else 1.0,  # masked by balancing: still in the denominator
+            policy_version=0, domain="math" if i % 2 else "reverse", correct=bool(i % 2), prompt_id=f"p{i}",
+        ))
+    return TrainBatch(samples=samples, n_responses_total=N)
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, tiny_demo):
+    """One step of a W=1 learner and of a W=2 group on the same batch; log-probs before and after."""
+    import json
+
+    import ray
+
+    from actors.concurrency import CONCURRENCY_GROUPS
+    from configs.schema import LearnerConfig, ObjectiveConfig
+    from learner.learner import Learner
+
+    student = str(tiny_demo / "student")
+    assert json.loads((tiny_demo / "student" / "config.json").read_text())["vocab_size"] == VOCAB
+    # micro_batch_size 4 with room for 20 responses: W=1 runs 5 micro-batches (4 real + 1 empty),
+    # each W=2 rank runs 3 (2 real + 1 empty), so accumulation and the empty-chunk path both count.
+    cfg = LearnerConfig(micro_batch_size=4, lr=1e-3, num_cpus=1,
+                        objective=ObjectiveConfig(dist_weight=0.5, top_k=4))
+    # Learner has control-plane methods in a concurrency group: Ray needs the groups declared.
+    actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=1)
+    kw = dict(seed=0, total_steps=10, max_responses_per_step=20)
+    single = actor.remote(student, cfg, rank=0, world_size=1, **kw)
+    ranks = [actor.remote(student, cfg, rank=r, world_size=2, **kw) for r in (0, 1)]
+    try:
+        a1 = ray.get(single.dist_address.remote(), timeout=120)
+        a2 = ray.get(ranks[0].dist_address.remote(), timeout=120)
+        ray.get([single.init_engine.remote(*a1)] + [r.init_engine.remote(*a2) for r in ranks], timeout=600)
+
+        batch = _batch()
+        samples = batch.samples
+        before = ray.get([h.compute_logprobs.remote(samples) for h in [single, *ranks]], timeout=300)
+        metrics = ray.get([h.train_step.remote(batch) for h in [single, *ranks]], timeout=600)
+        after = ray.get([h.compute_logprobs.remote(samples) for h in [single, *ranks]], timeout=300)
+        flat = lambda per_sample: np.concatenate(per_sample)  # noqa: E731
+        yield {
+            "before": [flat(x) for x in before],  # [W=1, rank 0, rank 1]
+            "after": [flat(x) for x in after],
+            "single": metrics[0],
+            "ranks": metrics[1:],
+        }
+    finally:
+        for h in [single, *ranks]:
+            ray.kill(h)
+
+
+def test_all_learners_start_from_the_same_student(runs):
+    b1, b_r0, b_r1 = runs["before"]
+    assert np.array_equal(b1, b_r0) and np.array_equal(b_r0, b_r1)
+
+
+def test_two_dp_ranks_hold_identical_parameters_after_a_step(runs):
+    _, r0, r1 = runs["after"]
+    np.testing.assert_allclose(r0, r1, rtol=0, atol=1e-6)
+
+
+def test_two_dp_ranks_take_the_same_step_as_one_learner_on_the_whole_batch(runs):
+    before, (single, r0, r1) = runs["before"][0], runs["after"]
+    # Premise: the step moves the log-probs far more than the tolerance, so equality means something.
+    assert np.max(np.abs(single - before)) > 1e-3
+    np.testing.assert_allclose(r0, single, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(r1, single, rtol=0, atol=1e-5)
+
+
+def test_dp_gradient_norm_equals_one_learners_so_the_loss_scaling_cancels_deepspeed_averaging(runs):
+    g1 = runs["single"]["grad_norm"]
+    assert g1 > 0
+    for m in runs["ranks"]:
+        assert m["grad_norm"] == pytest.approx(g1, rel=1e-5)
+
+
+def test_dp_rank_losses_add_up_to_the_single_learner_global_loss(runs):
+    """train_step reports each rank's share of the SPEC §1 global loss (already divided by the
+    global response count); summed over ranks it is the one-learner loss."""
+    single, ranks = runs["single"], runs["ranks"]
+    assert abs(single["loss"]) > 1e-4
+    for key in ("loss", "pg_loss", "dist_loss"):
+        assert sum(m[key] for m in ranks) == pytest.approx(single[key], rel=1e-5, abs=1e-7), key
+
+
+def test_reported_step_loss_of_two_ranks_equals_the_single_learner_loss(runs):
+    from actors.pipeline import _learner_metrics
+
+    one, two = _learner_metrics([runs["single"]]), _learner_metrics(runs["ranks"])
+    for key in ("loss", "learner/pg_loss", "learner/dist_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
