@@ -55,6 +55,19 @@ def _get(refs, stage: str, timeout: float):
         raise StageError(f"{stage}: an actor died: {str(e).splitlines()[0]}", actor_died=True) from e
 
 
+def _wait_ready(handles: list, stage: str, timeout: float) -> None:
+    """Wait until every actor answers ``ready``, giving restarting actors time to come back."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _get([h.ready.remote() for h in handles], stage, max(1.0, deadline - time.monotonic()))
+            return
+        except StageError as e:
+            if not e.actor_died or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def describe_plan(cfg: RunConfig) -> str:
     lines = [f"run {cfg.run.name!r}: {cfg.run.steps} steps × {cfg.data.prompts_per_step} prompts × "
              f"{cfg.sampler.n} responses, max_lag η={cfg.buffer.max_lag}", "actors:"]
@@ -241,12 +254,12 @@ class Pipeline:
                 step += 1
                 m.update(res[0])
                 m["time/sync_wait_s"] = time.perf_counter() - t_sync
+                self.check_alive()
                 busy, wall = self.busy_seconds(), time.perf_counter() - t_loop
                 for role in ("sampler", "teacher", "learner"):
                     m[f"{role}/idle_frac"] = max(0.0, 1.0 - (busy[role] - busy0[role]) / wall)
                 m["faults/actor_failures"] = float(self.faults)
                 on_step(step, m)
-                self.check_alive()
 
     def recover(self, what: str) -> bool:
         """After a sampler, verifier or teacher died: wait for Ray to restart it. A restarted sampler
@@ -256,8 +269,7 @@ class Pipeline:
         self.faults += 1
         a = self.a
         teachers = [h for hs in a.teachers.values() for h in hs]
-        _get([h.ready.remote() for h in a.samplers + teachers + [a.verifier]],
-             f"restart after failure ({what})", self.timeout)
+        _wait_ready(a.samplers + teachers + [a.verifier], f"restart after failure ({what})", self.timeout)
         now = _get([s.incarnation.remote() for s in a.samplers], "sampler identity", self.timeout)
         if now == self.incarnations:
             log.warning("recovered from %s: its prompts were requeued", what)
@@ -270,8 +282,21 @@ class Pipeline:
         return True
 
     def check_alive(self) -> None:
-        _get([h.ready.remote() for h in self.a.samplers] + [self.a.buffer.ready_flag.remote()],
-             "liveness check", self.timeout)
+        """Every actor answers. A sampler, teacher or verifier that died is restarted by Ray and
+        recovered here; a dead buffer or learner stops the run."""
+        a = self.a
+        _get([a.buffer.ready_flag.remote()] + [lr.ready.remote() for lr in a.learners], "liveness check (buffer, "
+             "learner)", self.timeout)
+        teachers = [h for hs in a.teachers.values() for h in hs]
+        try:
+            _get([h.ready.remote() for h in a.samplers + teachers + [a.verifier]], "liveness check", self.timeout)
+            if _get([s.incarnation.remote() for s in a.samplers], "sampler identity", self.timeout) \
+                    == self.incarnations:
+                return
+        except StageError as e:
+            if not e.actor_died:
+                raise
+        self.recover("an actor restarted")
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate_student(self, prompts: list[Prompt]) -> dict[str, float]:
@@ -439,8 +464,11 @@ def run(cfg: RunConfig) -> dict:
                      summary["accuracy"].get("teacher"))
         save_checkpoint(summary["steps"])  # on clean shutdown
         summary["student_export"] = str(checkpoint.latest_complete(run_dir) / "hf")
-        summary["accounting"] = _accounting_summary(_get(actors.buffer.get_accounting.remote(), "accounting",
-                                                         pipe.timeout))
+        accounting = _get(actors.buffer.get_accounting.remote(), "accounting", pipe.timeout)
+        summary["accounting"] = _accounting_summary(accounting)
+        with (run_dir / "accounting.jsonl").open("w") as f:  # every admitted prompt's outcome
+            for pid, uid, epoch, outcome in accounting:
+                f.write(json.dumps({"id": pid, "uid": uid, "epoch": epoch, "outcome": outcome}) + "\n")
         (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()
                                                           if not k.startswith("_") and k != "totals"}, indent=2))
         return summary
@@ -453,8 +481,8 @@ def run(cfg: RunConfig) -> dict:
             ray.shutdown()
 
 
-def _accounting_summary(acc: list[tuple[str, int, str]]) -> dict[str, int]:
+def _accounting_summary(acc: list[tuple[str, int, int, str]]) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
-    for _, _, outcome in acc:
+    for *_, outcome in acc:
         out[outcome] += 1
     return dict(out)

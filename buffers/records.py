@@ -30,6 +30,7 @@ class Prompt:
     tests: str | None = None
     entry_point: str | None = None
     uid: int = -1
+    epoch: int = 0  # the dataset pass it belongs to (kept when it is requeued)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class ReplayBuffer:
         self.ready: deque[_Group] = deque()
         self.accepted = 0
         self.counters: Counter[str] = Counter()
-        self.accounting: list[tuple[str, int, str]] = []  # (prompt id, uid, outcome)
+        self.accounting: list[tuple[str, int, int, str]] = []  # (prompt id, uid, epoch, outcome)
         self._last_metrics: dict[str, float] = {}
         self.calib = CalibrationSettings(
             mode=cfg.calibration.mode,
@@ -77,7 +77,7 @@ class ReplayBuffer:
         for _ in range(k):
             if not self.queue:
                 self.epoch += 1
-                order = list(self.dataset)
+                order = [Prompt(**{**p.__dict__, "epoch": self.epoch}) for p in self.dataset]
                 self.rng.shuffle(order)
                 self.queue.extend(order)
             p = self.queue.popleft()
@@ -92,7 +92,7 @@ class ReplayBuffer:
         for p in prompts:
             if self.running.pop(p.uid, None) is not None:
                 self.pending.pop(p.uid, None)
-                self.accounting.append((p.id, p.uid, "requeued"))
+                self.accounting.append((p.id, p.uid, p.epoch, "requeued"))
                 self.queue.appendleft(Prompt(**{**p.__dict__, "uid": -1}))
                 self.counters["requeued"] += 1
 
@@ -137,7 +137,7 @@ class ReplayBuffer:
             if max(glag) > self.cfg.max_lag:
                 # SPEC §2: responses that still arrive with lag > η are dropped and counted.
                 dropped += len(g.rollouts)
-                self.accounting.append((g.prompt.id, g.prompt.uid, "dropped_stale"))
+                self.accounting.append((g.prompt.id, g.prompt.uid, g.prompt.epoch, "dropped_stale"))
                 continue
             kept_groups.append(g)
         self.counters["dropped_stale_responses"] += dropped
@@ -173,7 +173,7 @@ class ReplayBuffer:
                 )
             )
         for g in kept_groups:
-            self.accounting.append((g.prompt.id, g.prompt.uid, "trained"))
+            self.accounting.append((g.prompt.id, g.prompt.uid, g.prompt.epoch, "trained"))
 
         # -- metrics (SPEC §7) --
         n_total = len(samples)
@@ -259,7 +259,7 @@ class ReplayBuffer:
             **{f"count/{k}": v for k, v in self.counters.items()},
         }
 
-    def get_accounting(self) -> list[tuple[str, int, str]]:
+    def get_accounting(self) -> list[tuple[str, int, int, str]]:
         return list(self.accounting)
 
     def ready_flag(self) -> bool:

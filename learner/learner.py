@@ -126,6 +126,7 @@ class Learner:
         self.engine = None
         self.version = 0
         self.steps_done = 0
+        self.skipped_steps = 0
         self.busy_s = 0.0
         self._sync: WeightSyncGroup | None = None
 
@@ -224,30 +225,74 @@ class Learner:
         agg: dict[str, float] = {}
         loss_total = 0.0
         grad_norm = None
+        nonfinite = False
         for i, chunk in enumerate(chunks):
+            loss = None
             if chunk:
                 loss, stats = self._chunk_loss(chunk, batch.n_responses_total)
-                for k, v in stats.items():
-                    # loss terms are already divided by the global response count: they add up;
-                    # rates (clip fraction, mismatch KL) are averaged by chunk size.
-                    wgt = 1.0 if k in _ADDITIVE else len(chunk) / max(1, len(shard))
-                    agg[k] = agg.get(k, 0.0) + v * wgt
-            else:  # keep the accumulation boundary fixed: a zero loss touching every parameter
+                if not torch.isfinite(loss.detach()):
+                    nonfinite, loss = True, None  # never backward a NaN: the step is skipped below
+                else:
+                    for k, v in stats.items():
+                        # loss terms are already divided by the global response count: they add up;
+                        # rates (clip fraction, mismatch KL) are averaged by chunk size.
+                        wgt = 1.0 if k in _ADDITIVE else len(chunk) / max(1, len(shard))
+                        agg[k] = agg.get(k, 0.0) + v * wgt
+            if loss is None:  # keep the accumulation boundary fixed: a zero loss touching every parameter
                 loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
             loss_total += float(loss.detach()) / self.W
             self.engine.backward(loss, scale_wrt_gas=False)
-            if i == len(chunks) - 1 and self.cfg.zero_stage < 2:
-                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            if i == len(chunks) - 1:
+                if self.cfg.zero_stage < 2:
+                    grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                    grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                                            for g in grads])))
+                    nonfinite |= not math.isfinite(grad_norm)
+                skip = self._agree_to_skip(nonfinite)
+                if skip:
+                    self._neutralise_step()
             self.engine.step()
+            if i == len(chunks) - 1 and skip:
+                for g in self.optimizer.param_groups:  # the scheduler normally set lr already
+                    saved = g.pop("_lr_before_skip", g["lr"])
+                    if g["lr"] == 0.0:
+                        g["lr"] = saved
         self.steps_done += 1
+        self.skipped_steps += int(skip)
         gn = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
         dt = time.perf_counter() - t0
         self.busy_s += dt
-        agg.update({"loss": loss_total, "lr": self.scheduler.get_last_lr()[0],
+        agg.update({"loss": float("nan") if skip else loss_total, "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": float(gn) if gn is not None else 0.0, "step_s": dt,
-                    "tokens": float(sum(len(s.response_ids) for s in shard))})
+                    "tokens": float(sum(len(s.response_ids) for s in shard)), "skipped_nonfinite": float(skip)})
+        if skip:
+            log.warning("non-finite loss or gradient at step %d: step skipped, weights kept", self.steps_done)
         return agg
+
+    def _agree_to_skip(self, nonfinite: bool) -> bool:
+        """All ranks skip together (one rank's NaN would otherwise split the replicas)."""
+        if not self.cfg.skip_nonfinite:
+            if nonfinite:
+                raise FloatingPointError("non-finite loss or gradient and learner.skip_nonfinite is false")
+            return False
+        flag = torch.tensor([float(nonfinite)], device=self.device)
+        if self.W > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _neutralise_step(self) -> None:
+        """Make the coming optimizer step a no-op on the weights: zero gradients (stage 0/1 hold
+        them in .grad; with ZeRO-2/3 no non-finite loss was backpropagated) and lr = 0 for this
+        step (AdamW's update and weight decay both scale with lr). Moment estimates decay by
+        one step; the scheduler restores lr afterwards."""
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        for g in self.optimizer.param_groups:
+            g["_lr_before_skip"] = g["lr"]
+            g["lr"] = 0.0
 
     @torch.no_grad()
     def compute_logprobs(self, samples: list[TrainSample]) -> list[np.ndarray]:
