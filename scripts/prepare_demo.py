@@ -9,8 +9,10 @@ Owns everything the on-policy distillation demo needs before it starts:
   ``actors.verifiers.exact``);
 * a character-level tokenizer (``tokenizers`` WordLevel over single characters, fused
   decoder) saved so that transformers and vLLM both load it and decode exactly;
-* tiny untied Qwen3 models: one teacher per domain, SFT'd to high accuracy, and a
-  student cold-started by a little SFT on both domains (low but non-zero pass rate);
+* tiny untied Qwen3 models (~1M params, same shape): one teacher per domain, SFT'd to
+  high accuracy, and a student with a low but non-zero pass rate on both domains (an
+  early snapshot of the math teacher's run, then a short SFT adding reversal while
+  self-replay holds its math level; see ``PrepareSettings``);
 * ``train.jsonl`` / ``heldout.jsonl`` prompt sets, disjoint from each other and from
   every SFT example;
 * ``prepare_report.json`` with measured held-out greedy accuracies and timings.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -63,6 +66,7 @@ from transformers import (  # noqa: E402
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from actors.verifiers import exact as exact_verifier  # noqa: E402
 from actors.verifiers import math as math_verifier  # noqa: E402
@@ -147,15 +151,29 @@ def grade_exact(response: str, answer: str) -> bool:
 
 @dataclass(frozen=True)
 class SFTPlan:
-    """One SFT run. ``stop_at``: stop early once every domain's dev greedy accuracy is
-    at least this (teachers); ``stop_above``: stop early once any domain's dev accuracy
-    exceeds this (the student's cold start must stay weak)."""
+    """One SFT run on the SFT pools of ``domains``, sampled in proportion to ``weights``
+    (default: equal).
 
+    Every ``PrepareSettings.check_every`` steps, greedy accuracy is measured on the dev
+    set of ``stop_domains`` (default: ``domains``). Training stops once it is at least
+    ``stop_at`` on every one of them (``steps`` still sets the lr schedule), and the
+    weights at the first check reaching ``snapshot_at`` everywhere are kept aside.
+
+    For a domain in ``self_replay`` the targets are not the reference responses but the
+    model's own greedy responses at the start of the run (on
+    ``PrepareSettings.replay_prompts`` prompts): training on them keeps that skill about
+    where it is, instead of forgetting it or improving it, while other domains are learnt.
+    """
+
+    domains: tuple[str, ...]
     steps: int
     batch_size: int
     lr: float
     stop_at: float | None = None
-    stop_above: float | None = None
+    stop_domains: tuple[str, ...] | None = None
+    snapshot_at: float | None = None
+    weights: tuple[float, ...] | None = None
+    self_replay: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,10 +195,26 @@ class PrepareSettings:
     num_kv_heads: int = 2
     head_dim: int = 32
     max_position_embeddings: int = 64
-    teacher_math: SFTPlan = SFTPlan(steps=3000, batch_size=64, lr=3e-3, stop_at=0.97)
-    teacher_reverse: SFTPlan = SFTPlan(steps=1500, batch_size=64, lr=3e-3, stop_at=0.99)
-    student: SFTPlan = SFTPlan(steps=300, batch_size=64, lr=3e-3)
-    check_every: int = 100
+    # Teachers train until the dev set says the domain is (nearly) solved.
+    teacher_math: SFTPlan = SFTPlan(
+        ("math",), steps=1500, batch_size=64, lr=3e-3, stop_at=0.95, snapshot_at=0.05
+    )
+    teacher_reverse: SFTPlan = SFTPlan(("reverse",), steps=600, batch_size=64, lr=3e-3, stop_at=0.99)
+    # Student cold start: weak but non-zero on both domains. Addition sits on a loss
+    # plateau (~0 accuracy) for a seed-dependent 300-500+ steps before it suddenly climbs
+    # to >90% within ~250 steps, so a from-scratch student was slow and its accuracy hard
+    # to place. The student therefore starts from the math teacher's snapshot (the first
+    # check with dev accuracy >= 5%, just past the plateau). Reversal is then added, with
+    # the math skill held in place by self-replay: measured, training on correct math
+    # answers instead sent math to 40-99%, and reversal alone erased math (0%) at once.
+    # "scratch" trains the student from a fresh init instead.
+    student_init: str = "teacher_math_snapshot"
+    student: SFTPlan = SFTPlan(
+        ("reverse", "math"), steps=500, batch_size=64, lr=3e-3, stop_at=0.15,
+        stop_domains=("reverse",), weights=(0.7, 0.3), self_replay=("math",),
+    )
+    replay_prompts: int = 2000
+    check_every: int = 25
     eval_max_new_tokens: int = 16
 
     @classmethod
@@ -191,10 +225,13 @@ class PrepareSettings:
             n_heldout_per_domain=20,
             n_dev_per_domain=20,
             sft_pool_per_domain=500,
-            teacher_math=SFTPlan(steps=20, batch_size=32, lr=3e-3),
-            teacher_reverse=SFTPlan(steps=20, batch_size=32, lr=3e-3),
-            student=SFTPlan(steps=10, batch_size=32, lr=3e-3),
-            check_every=0,
+            # snapshot_at=0 snapshots at the first check: exercises the student-init path.
+            teacher_math=SFTPlan(("math",), steps=20, batch_size=32, lr=3e-3, snapshot_at=0.0),
+            teacher_reverse=SFTPlan(("reverse",), steps=20, batch_size=32, lr=3e-3),
+            student=SFTPlan(("reverse", "math"), steps=10, batch_size=32, lr=1e-3,
+                            weights=(0.7, 0.3), self_replay=("math",)),
+            replay_prompts=64,
+            check_every=10,
         )
 
     def digest(self) -> str:
@@ -405,42 +442,87 @@ def evaluate_greedy(
 # -------------------------------------------------------------------------- prepare
 
 
-def _train(
+def mix_pools(
+    pool: Mapping[str, Sequence[tuple[str, str]]],
+    domains: Sequence[str],
+    weights: Sequence[float] | None = None,
+) -> list[tuple[str, str]]:
+    """Concatenate the domains' pairs with counts proportional to ``weights``.
+
+    The highest-weight domain contributes its whole pool; smaller pools (self-replay)
+    are cycled to reach their count. ``sft`` samples uniformly, so counts set the shares.
+    """
+    weights = list(weights) if weights is not None else [1.0] * len(domains)
+    if len(weights) != len(domains) or min(weights) <= 0:
+        raise ValueError(f"need one positive weight per domain, got {weights} for {domains}")
+    top = max(range(len(domains)), key=lambda i: weights[i])
+    base = len(pool[domains[top]])
+    out: list[tuple[str, str]] = []
+    for domain, weight in zip(domains, weights, strict=True):
+        source = pool[domain]
+        n = round(base * weight / weights[top])
+        out.extend(source[i % len(source)] for i in range(n))
+    return out
+
+
+def train_phase(
     name: str,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: list[tuple[str, str]],
-    dev_rows: list[dict[str, str]],
     plan: SFTPlan,
-    settings: PrepareSettings,
+    pool: Mapping[str, Sequence[tuple[str, str]]],
+    dev_rows: Sequence[Mapping[str, Any]],
+    *,
+    check_every: int,
     seed: int,
-) -> dict[str, Any]:
-    """SFT with optional dev-set early stopping; return a small training record."""
+    max_new_tokens: int = 16,
+    replay_prompts: int = 2000,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """One SFT run with dev-set checks; return (training record, snapshot or None)."""
+    stop_domains = set(plan.stop_domains or plan.domains)
+    dev = [r for r in dev_rows if r["domain"] in stop_domains]
     checks: list[dict[str, Any]] = []
+    snapshot: dict[str, torch.Tensor] | None = None
+    record: dict[str, Any] = {"domains": list(plan.domains)}
 
     def stop_fn(step: int, loss: float) -> bool:
-        acc = evaluate_greedy(model, tokenizer, dev_rows, max_new_tokens=settings.eval_max_new_tokens)
+        nonlocal snapshot
+        acc = evaluate_greedy(model, tokenizer, dev, max_new_tokens=max_new_tokens)
         checks.append({"step": step, "loss": round(loss, 4), "dev_accuracy": acc})
         logger.info("%s step %d loss %.4f dev accuracy %s", name, step, loss, acc)
-        if plan.stop_at is not None and min(acc.values()) >= plan.stop_at:
-            return True
-        return plan.stop_above is not None and max(acc.values()) > plan.stop_above
+        if snapshot is None and plan.snapshot_at is not None and min(acc.values()) >= plan.snapshot_at:
+            snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            record["snapshot"] = {"step": step, "dev_accuracy": acc}
+            logger.info("%s snapshot at step %d", name, step)
+        return plan.stop_at is not None and min(acc.values()) >= plan.stop_at
 
-    use_checks = settings.check_every > 0 and (plan.stop_at is not None or plan.stop_above is not None)
+    sources: dict[str, Sequence[tuple[str, str]]] = dict(pool)
+    for domain in plan.self_replay:
+        prompts = [p for p, _ in pool[domain][:replay_prompts]]
+        responses = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        sources[domain] = list(zip(prompts, responses, strict=True))
+        # How good the replayed targets are (the reference response is the pool's second item).
+        correct = sum(r == ref for r, (_, ref) in zip(responses, pool[domain], strict=False))
+        record.setdefault("self_replay_accuracy", {})[domain] = correct / max(1, len(prompts))
+
+    wants_checks = plan.stop_at is not None or plan.snapshot_at is not None
+    use_checks = check_every > 0 and wants_checks and bool(dev)
     t0 = time.perf_counter()
     losses = sft(
-        model, tokenizer, pairs,
+        model, tokenizer, mix_pools(sources, plan.domains, plan.weights),
         steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr, seed=seed,
         log_every=max(1, plan.steps // 10),
-        check_every=settings.check_every if use_checks else 0,
+        check_every=check_every if use_checks else 0,
         stop_fn=stop_fn if use_checks else None,
     )
-    return {
-        "steps_run": len(losses),
-        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
-        "train_seconds": round(time.perf_counter() - t0, 2),
-        "dev_checks": checks,
-    }
+    tail = losses[-20:]
+    record.update(
+        steps_run=len(losses),
+        final_loss=round(sum(tail) / len(tail), 4),
+        train_seconds=round(time.perf_counter() - t0, 2),
+        dev_checks=checks,
+    )
+    return record, snapshot
 
 
 def _ready_digest(out_dir: Path) -> str | None:
@@ -448,6 +530,27 @@ def _ready_digest(out_dir: Path) -> str | None:
         return json.loads((out_dir / READY_FILE).read_text())["digest"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """Delete staging dirs left by killed runs (SIGTERM/SIGKILL skip the cleanup)."""
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            logger.info("removing stale staging directory %s", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def is_ready(out_dir: str | os.PathLike[str], settings: PrepareSettings) -> bool:
@@ -470,12 +573,25 @@ def prepare(
     if not force and is_ready(out, settings):
         logger.info("demo artefacts in %s are ready (digest %s)", out, settings.digest())
         return json.loads((out / REPORT_FILE).read_text())
-    if out.exists() and any(out.iterdir()) and not (out / REPORT_FILE).exists() and not (out / READY_FILE).exists():
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One preparer per cache: a concurrent caller waits here, then finds READY.
+    with (out.parent / f".{out.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and is_ready(out, settings):
+            return json.loads((out / REPORT_FILE).read_text())
+        return _prepare_locked(out, settings, fast)
+
+
+def _prepare_locked(out: Path, settings: PrepareSettings, fast: bool) -> dict[str, Any]:
+    is_cache = (out / REPORT_FILE).exists() or (out / READY_FILE).exists()
+    if out.exists() and any(out.iterdir()) and not is_cache:
         # Never delete a directory this module did not create.
         raise FileExistsError(f"{out} exists, is not empty and is not a demo cache; refusing to overwrite")
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))  # the machine has 2 cores
     t_start = time.perf_counter()
+    _remove_dead_staging(out)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
@@ -484,11 +600,13 @@ def prepare(
         report = _build(staging, settings, fast)
         report["wall_seconds"] = round(time.perf_counter() - t_start, 2)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        # READY last: its presence (with this digest) is what marks the cache complete.
         (staging / READY_FILE).write_text(json.dumps({"digest": settings.digest(), "fast": fast}) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
     finally:
+        torch.set_num_threads(threads)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     logger.info("demo artefacts written to %s in %.1fs", out, report["wall_seconds"])
@@ -500,7 +618,6 @@ def _build(out: Path, settings: PrepareSettings, fast: bool) -> dict[str, Any]:
     train, heldout, dev, pool = make_splits(settings)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "heldout.jsonl", heldout)
-    dev_by_domain = {d: [r for r in dev if r["domain"] == d] for d in DOMAINS}
 
     report: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -512,29 +629,42 @@ def _build(out: Path, settings: PrepareSettings, fast: bool) -> dict[str, Any]:
                    "sft_pool_per_domain": settings.sft_pool_per_domain},
         "models": {},
     }
-
-    jobs: list[tuple[str, SFTPlan, list[tuple[str, str]], list[dict[str, str]]]] = [
-        ("teacher_math", settings.teacher_math, pool["math"], dev_by_domain["math"]),
-        ("teacher_reverse", settings.teacher_reverse, pool["reverse"], dev_by_domain["reverse"]),
-    ]
-    # The student's cold start mixes both domains; interleaving keeps each batch mixed.
-    student_pairs = [pair for both in zip(pool["math"], pool["reverse"]) for pair in both]
-    jobs.append(("student", settings.student, student_pairs, dev))
-
-    for k, (name, plan, pairs, dev_rows) in enumerate(jobs):
-        seed = settings.seed * 1000 + 10 * k
-        model = build_model(settings, tokenizer, seed=seed)
-        logger.info("training %s (%d params) on %d pairs", name, count_parameters(model), len(pairs))
-        record = _train(name, model, tokenizer, pairs, dev_rows, plan, settings, seed)
+    plans = {"teacher_math": settings.teacher_math, "teacher_reverse": settings.teacher_reverse,
+             "student": settings.student}
+    snapshots: dict[str, dict[str, torch.Tensor]] = {}
+    for k, (name, plan) in enumerate(plans.items()):
         t0 = time.perf_counter()
-        record["heldout_accuracy"] = evaluate_greedy(
-            model, tokenizer, heldout, max_new_tokens=settings.eval_max_new_tokens
+        seed = settings.seed * 1000 + 100 * k
+        model = build_model(settings, tokenizer, seed=seed)
+        init = "scratch"
+        if name == "student" and settings.student_init != "scratch":
+            source = settings.student_init.removesuffix("_snapshot")
+            if source in snapshots:
+                model.load_state_dict(snapshots[source])
+                init = settings.student_init
+            else:
+                # Fast mode with too few checks, or the teacher never reached snapshot_at.
+                logger.warning("no %s snapshot was taken; the student starts from scratch", source)
+        logger.info("training %s (%d params, init %s)", name, count_parameters(model), init)
+        record, snapshot = train_phase(
+            name, model, tokenizer, plan, pool, dev,
+            check_every=settings.check_every, seed=seed + 1, max_new_tokens=settings.eval_max_new_tokens,
+            replay_prompts=settings.replay_prompts,
         )
-        record["eval_seconds"] = round(time.perf_counter() - t0, 2)
-        record["params"] = count_parameters(model)
-        logger.info("%s held-out greedy accuracy %s", name, record["heldout_accuracy"])
+        if snapshot is not None:
+            snapshots[name] = snapshot
+        t_eval = time.perf_counter()
+        accuracy = evaluate_greedy(model, tokenizer, heldout, max_new_tokens=settings.eval_max_new_tokens)
+        logger.info("%s held-out greedy accuracy %s", name, accuracy)
         save_model(model, tokenizer, out / MODEL_DIRS[name])
-        report["models"][name] = record
+        report["models"][name] = {
+            "heldout_accuracy": accuracy,
+            "init": init,
+            "params": count_parameters(model),
+            "training": record,
+            "eval_seconds": round(time.perf_counter() - t_eval, 2),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
     return report
 
 
@@ -548,6 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if READY matches")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per model is noise
     report = prepare(args.out, fast=args.fast, force=args.force)
     summary = {name: m["heldout_accuracy"] for name, m in report["models"].items()}
     logger.info("held-out greedy accuracy: %s; wall %.1fs", json.dumps(summary), report["wall_seconds"])

@@ -7,8 +7,10 @@ transformers, and that its sampled-token logprobs equal HF log-softmax.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -47,6 +49,10 @@ def test_layout_and_report(demo_dir: Path) -> None:
     for record in report["models"].values():
         assert set(record["heldout_accuracy"]) == set(pd.DOMAINS)
         assert all(0.0 <= a <= 1.0 for a in record["heldout_accuracy"].values())
+    # The fast settings snapshot the math teacher at its first check: the student starts there.
+    assert report["models"]["student"]["init"] == "teacher_math_snapshot"
+    assert report["models"]["teacher_math"]["training"]["snapshot"]["step"] == 10
+    assert "math" in report["models"]["student"]["training"]["self_replay_accuracy"]
     assert json.loads((demo_dir / pd.READY_FILE).read_text())["digest"] == pd.PrepareSettings.fast().digest()
     # No staging directory is left behind next to the cache.
     assert not [p for p in demo_dir.parent.iterdir() if p.name.startswith(f".{demo_dir.name}.tmp")]
@@ -61,7 +67,7 @@ def test_prepare_reuses_ready_cache(demo_dir: Path) -> None:
     assert weights.stat().st_mtime_ns == mtime
     assert report == json.loads((demo_dir / pd.REPORT_FILE).read_text())
     # Different settings -> different digest -> the cache does not count as ready.
-    other = pd.PrepareSettings.fast().__class__(**{**pd.PrepareSettings.fast().__dict__, "seed": 1})
+    other = dataclasses.replace(pd.PrepareSettings.fast(), seed=1)
     assert not pd.is_ready(demo_dir, other)
 
 
@@ -120,8 +126,6 @@ def test_graders() -> None:
     assert pd.grade_exact("abc", "abc") and not pd.grade_exact("abd", "abc")
     # Every reference response is graded correct by its domain's verifier.
     for domain, make in pd.PROBLEM_MAKERS.items():
-        import random
-
         rng = random.Random(0)
         for _ in range(20):
             prompt, answer = make(rng)
@@ -181,6 +185,17 @@ def test_evaluate_greedy_batched_equals_unbatched(student_dir: Path, demo_dir: P
 
 
 # ------------------------------------------------------------------------------ sft
+
+
+def test_mix_pools_weights() -> None:
+    pool = {"a": [("a", str(i)) for i in range(100)], "b": [("b", "x"), ("b", "y")]}
+    mixed = pd.mix_pools(pool, ("a", "b"), (0.75, 0.25))
+    assert sum(p == "a" for p, _ in mixed) == 100  # the top-weight pool, whole
+    b = [c for p, c in mixed if p == "b"]
+    assert len(b) == 33 and b[:4] == ["x", "y", "x", "y"]  # a small pool is cycled
+    assert len(pd.mix_pools(pool, ("a", "b"))) == 200
+    with pytest.raises(ValueError):
+        pd.mix_pools(pool, ("a", "b"), (1.0,))
 
 
 def test_collate_masks_prompt_and_padding() -> None:
