@@ -8,11 +8,14 @@ models and data on first use when ``demo.prepare`` is on, then runs the pipeline
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see actors/placement.py
 
 from configs.schema import ConfigError, load_config  # noqa: E402
 
