@@ -36,8 +36,10 @@ def demo_overrides(demo: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in o.items()]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
+    """One local cluster per test module, shut down after it: a second Ray head on the machine
+    (tests/test_ray_job_submit.py starts one) finds no job agent while another cluster runs."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
