@@ -119,9 +119,8 @@ class Pipeline:
         specs = _get(a.learners[0].param_specs.remote(), "weight sync plan", self.timeout)
         world = 1 + len(a.samplers)
         refs = [a.learners[0].join_weight_sync.remote(ws, addr, port, world)]
-        refs += [s.join_weight_sync.remote(ws, port, world, specs) if ws.master_addr == addr
-                 else s.join_weight_sync.remote(ws.model_copy(update={"master_addr": addr}), port, world, specs)
-                 for s in a.samplers]
+        resolved = ws.model_copy(update={"master_addr": addr})  # "auto" → learner rank 0's node IP
+        refs += [s.join_weight_sync.remote(resolved, port, world, specs) for s in a.samplers]
         _get(refs, "weight sync group set-up", ws.timeout_s + 30)
 
     # -- the stages, each launched without waiting ----------------------------------------
