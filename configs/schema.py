@@ -149,6 +149,10 @@ class ObjectiveConfig(_Section):
     dist_kind: Literal["reverse_kl_topk", "forward_kl_topk", "jsd"] = "reverse_kl_topk"
     jsd_beta: float = Field(0.5, ge=0, le=1)
     top_k: int = Field(32, ge=1, description="Teacher top-k log-probs returned per position for the distribution term.")
+    dist_on_masked: bool = Field(
+        False, description="Apply the distribution term also to responses masked by SPEC §3.2 balancing or the "
+        "§4 margin mask, so those shape only the SPEC §1 term (false: a masked response has zero loss weight "
+        "in both terms).")
 
 
 class ImportanceConfig(_Section):

@@ -32,7 +32,7 @@ import torch
 from buffers.records import TrainBatch, TrainSample
 from configs.schema import LearnerConfig, WeightSyncConfig
 from learner import objectives as obj
-from learner.weight_sync import WeightSyncGroup, param_specs, plan_buckets
+from learner.weight_sync import ParamSpec, WeightSyncGroup, plan_buckets
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +161,13 @@ class Learner:
             "bf16": {"enabled": self.cfg.bf16},
             "steps_per_print": 10**9,
         }
+        n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=True,
         )
         self.device = self.engine.device
-        return sum(p.numel() for p in model.parameters())
+        return n_params
 
     # -- training -------------------------------------------------------------------------
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -205,10 +206,16 @@ class Learner:
                                          mask * b["has_topk_B"][:, None], kind=_DIST_KIND[o.dist_kind],
                                          beta=o.jsd_beta)
             dist_B = obj.per_response_mean(tok_BT, mask * b["has_topk_B"][:, None])
-            loss_B = loss_B + o.dist_weight * dist_B
-            stats["dist_loss"] = float(obj.reduce_over_batch(dist_B.detach(), b["weight_B"], n_total))
+            # SPEC §3.2/§4 masks select responses for the policy-gradient signal; with
+            # dist_on_masked the distribution term (per-token supervision, not a reward) sees all.
+            dist_w_B = torch.ones_like(b["weight_B"]) if o.dist_on_masked else b["weight_B"]
+            dist_loss = obj.reduce_over_batch(dist_B, dist_w_B, n_total)
+            stats["dist_loss"] = float(dist_loss.detach())
         # SPEC §1 reduction over the *global* batch; DeepSpeed averages gradients over W ranks, so ×W.
-        loss = obj.reduce_over_batch(loss_B, b["weight_B"], n_total) * self.W
+        loss = obj.reduce_over_batch(loss_B, b["weight_B"], n_total)
+        if top_k:
+            loss = loss + o.dist_weight * dist_loss
+        loss = loss * self.W
         return loss, stats
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -245,7 +252,7 @@ class Learner:
             if i == len(chunks) - 1:
                 if self.cfg.zero_stage < 2:
                     grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                    grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                    grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
                                                                             for g in grads])))
                     nonfinite |= not math.isfinite(grad_norm)
                 skip = self._agree_to_skip(nonfinite)
@@ -308,7 +315,10 @@ class Learner:
         return ip, free_port()
 
     def param_specs(self):
-        return param_specs(self._full_named_params())
+        # ZeRO-3 partitions parameters in place (``p.shape`` is then (0,)); ``ds_shape`` keeps the full
+        # shape. Found on an H100 (scripts/gpu_check.py): without it the receivers planned empty buckets.
+        return [ParamSpec(n, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
+                for n, p in self._full_named_params()]
 
     def _full_named_params(self):
         return [(n, p) for n, p in self.engine.module.named_parameters()]

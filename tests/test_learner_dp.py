@@ -130,3 +130,48 @@ def test_reported_step_loss_of_two_ranks_equals_the_single_learner_loss(runs):
     one, two = _learner_metrics([runs["single"]]), _learner_metrics(runs["ranks"])
     for key in ("loss", "learner/pg_loss", "learner/dist_loss"):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.fixture(scope="module")
+def zero3(ray_cluster, tiny_demo, runs):
+    """A W=2 ZeRO-3 group: its weight-sync plan, and one step on the batch of ``runs``."""
+    import ray
+
+    from actors.concurrency import CONCURRENCY_GROUPS
+    from configs.schema import LearnerConfig, ObjectiveConfig
+    from learner.learner import Learner
+
+    student = str(tiny_demo / "student")
+    cfg = LearnerConfig(micro_batch_size=4, lr=1e-3, num_cpus=1, zero_stage=3,
+                        objective=ObjectiveConfig(dist_weight=0.5, top_k=4))
+    actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=1)
+    ranks = [actor.remote(student, cfg, rank=r, world_size=2, seed=0, total_steps=10, max_responses_per_step=20)
+             for r in (0, 1)]
+    try:
+        addr = ray.get(ranks[0].dist_address.remote(), timeout=120)
+        n_params = ray.get([r.init_engine.remote(*addr) for r in ranks], timeout=600)
+        specs = ray.get(ranks[0].param_specs.remote(), timeout=120)
+        batch = _batch()
+        ray.get([r.train_step.remote(batch) for r in ranks], timeout=600)
+        after = ray.get([r.compute_logprobs.remote(batch.samples) for r in ranks], timeout=300)
+        yield {"n_params": n_params, "specs": specs, "after": [np.concatenate(x) for x in after]}
+    finally:
+        for h in ranks:
+            ray.kill(h)
+
+
+def test_zero3_weight_sync_plan_has_the_full_shapes(zero3, tiny_demo):
+    """ZeRO-3 partitions parameters in place (p.shape becomes (0,)); the plan the samplers
+    receive must still hold the full shapes, or every bucket mismatches (seen on an H100)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_demo / "student"))
+    want = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    assert [(s.name, s.shape) for s in zero3["specs"]] == want
+    assert zero3["n_params"] == [sum(p.numel() for p in model.parameters())] * 2
+
+
+def test_zero3_ranks_take_the_same_step_as_one_learner(zero3, runs):
+    single = runs["after"][0]
+    for r in zero3["after"]:
+        np.testing.assert_allclose(r, single, rtol=0, atol=1e-5)
