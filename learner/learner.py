@@ -196,26 +196,21 @@ class Learner:
         pg_B, pg_stats = obj.pg_loss_per_response(
             logp, old, adv, mask, eps_low=o.eps_low, eps_high=o.eps_high, teacher_logp_BT=teacher,
             mask_threshold=o.mask_threshold, weight_BT=w_BT)
-        loss_B = o.pg_weight * pg_B
         stats = {"pg_loss": float(obj.reduce_over_batch(pg_B.detach(), b["weight_B"], n_total)),
                  "mismatch_kl": float(obj.mismatch_kl(old, b["behave_BT"], mask)),
                  "clip_frac": float(pg_stats.clip_frac),
                  "masked_token_frac": float(pg_stats.masked_token_frac)}
+        dist_B = None
         if top_k:
             tok_BT = obj.topk_divergence(logits_BTV, b["topk_ids_BTK"], b["topk_lp_BTK"],
                                          mask * b["has_topk_B"][:, None], kind=_DIST_KIND[o.dist_kind],
                                          beta=o.jsd_beta)
             dist_B = obj.per_response_mean(tok_BT, mask * b["has_topk_B"][:, None])
-            # SPEC §3.2/§4 masks select responses for the policy-gradient signal; with
-            # dist_on_masked the distribution term (per-token supervision, not a reward) sees all.
             dist_w_B = torch.ones_like(b["weight_B"]) if o.dist_on_masked else b["weight_B"]
-            dist_loss = obj.reduce_over_batch(dist_B, dist_w_B, n_total)
-            stats["dist_loss"] = float(dist_loss.detach())
+            stats["dist_loss"] = float(obj.reduce_over_batch(dist_B.detach(), dist_w_B, n_total))
         # SPEC §1 reduction over the *global* batch; DeepSpeed averages gradients over W ranks, so ×W.
-        loss = obj.reduce_over_batch(loss_B, b["weight_B"], n_total)
-        if top_k:
-            loss = loss + o.dist_weight * dist_loss
-        loss = loss * self.W
+        loss = obj.combine_terms(pg_B, dist_B, b["weight_B"], n_total, pg_weight=o.pg_weight,
+                                 dist_weight=o.dist_weight, dist_on_masked=o.dist_on_masked) * self.W
         return loss, stats
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

@@ -273,6 +273,30 @@ def reduce_over_batch(loss_B: Tensor, response_weight_B: Tensor, n_responses_tot
     return weighted_B.sum() / n_responses_total
 
 
+def combine_terms(
+    pg_B: Tensor,
+    dist_B: Tensor | None,
+    response_weight_B: Tensor,
+    n_responses_total: int,
+    *,
+    pg_weight: float,
+    dist_weight: float,
+    dist_on_masked: bool,
+) -> Tensor:
+    """The learner's loss: ``pg_weight`` × the SPEC §1 term + ``dist_weight`` × the SPEC §6 term,
+    each reduced by :func:`reduce_over_batch`.
+
+    The §3.2/§4 masks (``response_weight_B`` = 0) always remove a response from the §1 term; with
+    ``dist_on_masked`` the distribution term still covers it (a per-token supervision, not a
+    reward), otherwise it is removed from both. The denominator is the global count either way.
+    """
+    loss = pg_weight * reduce_over_batch(pg_B, response_weight_B, n_responses_total)
+    if dist_B is not None:
+        dist_w_B = torch.ones_like(response_weight_B) if dist_on_masked else response_weight_B
+        loss = loss + dist_weight * reduce_over_batch(dist_B, dist_w_B, n_responses_total)
+    return loss
+
+
 # ---------------------------------------------------------------------------
 # SPEC §6: distribution matching over the teacher's top-k + tail
 # ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from learner.objectives import (
     mismatch_kl,
     per_response_mean,
     pg_loss_per_response,
+    combine_terms,
     reduce_over_batch,
     reverse_kl_topk,
     topk_divergence,
@@ -351,3 +352,15 @@ def test_topk_divergence_rejects_beta_outside_unit_interval(beta: float) -> None
     logits, ids, t_logp, mask = _hand_topk_case()
     with pytest.raises(ValueError, match="beta"):
         topk_divergence(logits, ids, t_logp, mask, kind="jsd", beta=beta)
+
+
+def test_combine_terms_masks_the_pg_term_and_optionally_the_distribution_term() -> None:
+    pg, dist = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0])
+    w = torch.tensor([1.0, 0.0])  # the second response was masked by balancing
+    kw = dict(pg_weight=0.5, dist_weight=1.0)
+    # both terms masked: (0.5·1 + 1·3) / 2
+    assert float(combine_terms(pg, dist, w, 2, dist_on_masked=False, **kw)) == pytest.approx(1.75)
+    # distribution term on every response: 0.5·1/2 + (3 + 5)/2
+    assert float(combine_terms(pg, dist, w, 2, dist_on_masked=True, **kw)) == pytest.approx(4.25)
+    # no distribution term
+    assert float(combine_terms(pg, None, w, 2, dist_on_masked=True, **kw)) == pytest.approx(0.25)
