@@ -9,7 +9,8 @@ On the same config and machine, one after the other in one Ray cluster:
 Prints a table and writes ``bench.json`` with per-mode samples_per_s, tokens_per_s,
 sampler_idle_frac, learner_idle_frac, teacher_idle_frac, lag_max, weight_sync_s_mean
 and the ratios async_over_sync and async_over_ceiling (the best async mode), all
-measured in this run. Held-out evaluation is switched off: only throughput counts.
+measured in this run, plus, per pipeline mode, the seconds each actor method ran per step
+(from Ray's task events) to show where the time goes. Held-out evaluation is switched off: only throughput counts.
 """
 
 from __future__ import annotations
@@ -61,16 +62,36 @@ def measure_ceiling(cfg, prompts, n_prompts: int) -> dict[str, float]:
             "weight_sync_s_mean": 0.0, "seconds": wall}
 
 
+def task_seconds(t0: float, t1: float, steps: int) -> dict[str, float]:
+    """Where the time went, from Ray's own task events (``ray.timeline``): for every actor
+    method that ran between wall-clock ``t0`` and ``t1``, its summed execution seconds per
+    training step. Actor start-up is left out; the final checkpoint is inside the window
+    (small at the bench's step counts)."""
+    import ray
+
+    per: dict[str, float] = {}
+    for e in ray.timeline():
+        cat = e.get("cat", "")
+        if e.get("ph") != "X" or not cat.startswith("task::") or cat.endswith(("__init__", "init_engine")):
+            continue  # start-up is not per-step work
+        ts = e["ts"] / 1e6
+        if t0 <= ts <= t1:
+            per[cat.removeprefix("task::")] = per.get(cat.removeprefix("task::"), 0.0) + e["dur"] / 1e6
+    return {k: v / steps for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v / steps >= 1e-3}
+
+
 def run_mode(config, overrides, name: str, steps: int, lag: int) -> dict[str, float]:
     from actors.pipeline import run
     from configs.schema import load_config
 
     cfg = load_config(config, [*overrides, f"buffer.max_lag={lag}", f"run.steps={steps}", "data.heldout=null",
                                f"run.name=bench_{name}", "run.eval_every=0"])
+    t0 = time.time()
     s = run(cfg)
-    return {k: s[k] for k in ("samples_per_s", "tokens_per_s", "sampler_idle_frac", "learner_idle_frac",
-                              "teacher_idle_frac", "lag_max", "weight_sync_s_mean")} | {
-        "seconds": s["train_seconds"]}
+    out = {k: s[k] for k in ("samples_per_s", "tokens_per_s", "sampler_idle_frac", "learner_idle_frac",
+                             "teacher_idle_frac", "lag_max", "weight_sync_s_mean")}
+    return out | {"seconds": s["train_seconds"], "step_s": s["train_seconds"] / steps,
+                  "task_s_per_step": task_seconds(t0, time.time(), steps)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.demo.prepare:
         from scripts.prepare_demo import prepare
 
-        prepare(cfg.demo.cache_dir)
+        prepare(cfg.demo.cache_dir, recipe=cfg.demo.recipe)
     check_paths(cfg)
     prompts = load_prompts(cfg.data.train, {d: c.verifier.type for d, c in cfg.domains.items()}).prompts
     ray.init(address=cfg.run.ray_address) if cfg.run.ray_address else ray.init(
@@ -123,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mode':<12}" + "".join(f"{c:>20}" for c in cols))
     for name, m in modes.items():
         print(f"{name:<12}" + "".join(f"{m[c]:>20.3f}" for c in cols))
+    print("\nactor-method execution seconds per step (Ray task events; a step of the loop is step_s):")
+    for name, m in modes.items():
+        if "task_s_per_step" in m:
+            top = ", ".join(f"{k} {v:.3f}" for k, v in list(m["task_s_per_step"].items())[:8])
+            print(f"  {name:<12} step_s {m['step_s']:.3f}: {top}")
     if best:
         print(f"async_over_sync = {result['async_over_sync']:.2f}  (best async mode: {best})")
         print(f"async_over_ceiling = {result['async_over_ceiling']:.2f}")
