@@ -43,11 +43,19 @@ class RunSection(_Section):
     call_timeout_s: float = Field(600, gt=0, description="Timeout for any remote call the driver waits on.")
 
 
+# The domains each demo recipe of scripts/prepare_demo.py prepares (tests/test_configs.py
+# checks that the two agree; the schema does not import torch to find out).
+DEMO_RECIPE_DOMAINS: dict[str, tuple[str, ...]] = {"default": ("math", "reverse"), "code": ("math", "code")}
+
+
 class DemoSection(_Section):
     prepare: bool = Field(
         True, description="Build the demo's tiny teachers, student and data on first use (cached under cache_dir)."
     )
     cache_dir: str = Field(".cache/demo", description="Where the demo preparation writes models and data.")
+    recipe: Literal["default", "code"] = Field(
+        "default", description="What the preparation builds: 'default' (math + reverse, configs/demo.yaml) or "
+        "'code' (math + code graded in the sandbox, configs/demo_code.yaml).")
 
 
 class DataSection(_Section):
@@ -225,6 +233,14 @@ class RunConfig(_Section):
                     f"`domains.{name}.teacher` is {dom.teacher!r}, which is not a key of `teachers` "
                     f"(known: {sorted(self.teachers)}); add it under `teachers` or fix the name"
                 )
+        recipe_domains = DEMO_RECIPE_DOMAINS[self.demo.recipe]
+        if self.demo.prepare and set(self.domains) != set(recipe_domains):
+            raise ValueError(
+                f"`demo.recipe` is {self.demo.recipe!r}, which prepares domains {list(recipe_domains)}, but "
+                f"`domains` is {sorted(self.domains)}; pick the recipe that prepares these domains "
+                f"({', '.join(f'{k}: {list(v)}' for k, v in DEMO_RECIPE_DOMAINS.items())}) "
+                f"or set `demo.prepare=false`"
+            )
         unused = sorted(set(self.teachers) - {d.teacher for d in self.domains.values()})
         if unused:
             raise ValueError(f"`teachers` {unused} serve no domain; remove them or route a domain to them")

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.demo.prepare:
             from scripts.prepare_demo import prepare
 
-            prepare(cfg.demo.cache_dir)
+            prepare(cfg.demo.cache_dir, recipe=cfg.demo.recipe)
         check_paths(cfg)
     except ConfigError as e:
         log.error("%s", e)

@@ -2,28 +2,33 @@
 
 Owns everything the on-policy distillation demo needs before it starts:
 
-* two synthetic, verifiable domains:
+* synthetic, verifiable domains, two per recipe (``PrepareSettings.domains``):
   ``math`` (3-digit addition, prompt ``"123+456="``, response ``"\\boxed{579}"``,
-  graded by ``actors.verifiers.math``) and ``reverse`` (reverse a lowercase string of
+  graded by ``actors.verifiers.math``), ``reverse`` (reverse a lowercase string of
   length 4-8, prompt ``"rev:abcde="``, response ``"edcba"``, graded by
-  ``actors.verifiers.exact``);
+  ``actors.verifiers.exact``) and ``code`` (a HumanEval-style stub
+  ``'def f(x):\\n "add 3 mul 2 sub 4"\\n'`` completed by ``" return ((x+3)*2)-4"``, run
+  against plain asserts by the sandboxed ``actors.verifiers.code``). The default recipe
+  is math + reverse (``configs/demo.yaml``), the code recipe math + code
+  (``configs/demo_code.yaml``);
 * a character-level tokenizer (``tokenizers`` WordLevel over single characters, fused
   decoder) saved so that transformers and vLLM both load it and decode exactly;
 * tiny untied Qwen3 models (~1M params, same shape): one teacher per domain, SFT'd to
-  high accuracy, and a student with a low but non-zero pass rate on both domains (an
-  early snapshot of the math teacher's run, then a short SFT adding reversal while
-  self-replay holds its math level; see ``PrepareSettings``);
+  high accuracy, and a student with a low but non-zero pass rate on every domain (an
+  early snapshot of the math teacher's run, then a short SFT adding the other domain
+  while self-replay holds its math level; see ``PrepareSettings``);
 * ``train.jsonl`` / ``heldout.jsonl`` prompt sets, disjoint from each other and from
   every SFT example;
-* ``prepare_report.json`` with measured held-out greedy accuracies and timings.
+* ``prepare_report.json`` with measured held-out greedy accuracies (graded by the
+  domains' real verifiers) and timings.
 
-Layout under ``out_dir``: ``teacher_math/``, ``teacher_reverse/``, ``student/`` (each a
+Layout under ``out_dir``: ``teacher_<domain>/`` per domain and ``student/`` (each a
 complete HF directory: config, safetensors, tokenizer), ``train.jsonl``,
 ``heldout.jsonl``, ``prepare_report.json`` and ``READY`` (written last; holds the
 settings digest). Everything is built in a sibling temporary directory and moved into
 place only when complete, so a half-written cache is never seen.
 
-CLI: ``python scripts/prepare_demo.py --out DIR [--fast] [--force]``.
+CLI: ``python scripts/prepare_demo.py --out DIR [--recipe {default,code}] [--fast] [--force]``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +74,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from actors.verifiers import code as code_verifier  # noqa: E402
 from actors.verifiers import exact as exact_verifier  # noqa: E402
 from actors.verifiers import math as math_verifier  # noqa: E402
 from learner.sft import sft  # noqa: E402
@@ -77,18 +84,17 @@ logger = logging.getLogger(__name__)
 # Bump when the data format, tokenizer or model recipe changes so old caches are rebuilt.
 FORMAT_VERSION = 1
 
-DOMAINS: tuple[str, ...] = ("math", "reverse")
+# The default recipe's domains (configs/demo.yaml); ``PrepareSettings.code()`` swaps
+# reverse for code (configs/demo_code.yaml).
+DEFAULT_DOMAINS: tuple[str, ...] = ("math", "reverse")
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, UNK)
-# Every character the prompts and responses use, plus a space (harmless, and it lets
-# free-form text round-trip). Anything else maps to <unk>.
+# Every character the math and reverse prompts and responses use, plus a space
+# (harmless, and it lets free-form text round-trip). Anything else maps to <unk>.
 VOCAB_CHARS = string.digits + string.ascii_lowercase + "+=:\\{} "
+# Added only when the code domain is prepared, so the default vocabulary stays at 46.
+CODE_CHARS = '()*-"\n'
 
-MODEL_DIRS: dict[str, str] = {
-    "teacher_math": "teacher_math",
-    "teacher_reverse": "teacher_reverse",
-    "student": "student",
-}
 READY_FILE = "READY"
 REPORT_FILE = "prepare_report.json"
 
@@ -110,17 +116,72 @@ def make_reverse_problem(rng: random.Random) -> tuple[str, str]:
     return f"rev:{s}=", s[::-1]
 
 
+CODE_OPS: dict[str, str] = {"add": "+", "sub": "-", "mul": "*"}
+CODE_ENTRY_POINT = "f"
+# The argument's name varies (any letter but the function's): with ``x`` alone there would
+# be only 27 one-op stubs, too few to keep held-out, dev and train prompts disjoint.
+CODE_ARG_NAMES = string.ascii_lowercase.replace(CODE_ENTRY_POINT, "")
+# Every op is affine, so two inputs pin the function down; a third rejects a non-affine
+# completion that happens to agree on two.
+CODE_TEST_INPUTS = (0, 1, 5)
+
+
+def make_code_problem(rng: random.Random) -> tuple[str, str]:
+    """A HumanEval-style stub and its reference completion, e.g.
+    ('def f(x):\\n "add 3 mul 2 sub 4"\\n', ' return ((x+3)*2)-4').
+
+    1-3 ops (add, sub, mul by a digit 1-9) applied to the argument left to right. The stub
+    compiles on its own (its body is the docstring), so ``actors.verifiers.code`` runs
+    stub + completion; the completion is fully parenthesized. At most 31 + 19 characters:
+    prompt + response + EOS fit the models' 64 positions, the response 24 tokens.
+    """
+    arg = rng.choice(CODE_ARG_NAMES)
+    ops = [(rng.choice(tuple(CODE_OPS)), rng.randint(1, 9)) for _ in range(rng.randint(1, 3))]
+    expr = arg
+    for i, (op, k) in enumerate(ops):
+        expr = f"{expr}{CODE_OPS[op]}{k}" if i == len(ops) - 1 else f"({expr}{CODE_OPS[op]}{k})"
+    doc = " ".join(f"{op} {k}" for op, k in ops)
+    return f'def {CODE_ENTRY_POINT}({arg}):\n "{doc}"\n', f" return {expr}"
+
+
+def code_tests(prompt: str) -> str:
+    """Plain asserts of a code stub's function on ``CODE_TEST_INPUTS``, computed from the
+    ops in its docstring (the specification, not the reference completion)."""
+    words = prompt.split('"')[1].split()
+    lines = []
+    for x in CODE_TEST_INPUTS:
+        y = x
+        for op, k in zip(words[::2], words[1::2], strict=True):
+            y = {"add": y + int(k), "sub": y - int(k), "mul": y * int(k)}[op]
+        lines.append(f"assert {CODE_ENTRY_POINT}({x})=={y}")
+    return "\n".join(lines) + "\n"
+
+
 PROBLEM_MAKERS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "math": make_math_problem,
     "reverse": make_reverse_problem,
+    "code": make_code_problem,
 }
+# Domains whose SFT pool may repeat a prompt (never a train, held-out or dev one). Unique
+# draws would exhaust the 675 one-op code stubs within the first few thousand: the pool
+# would hold ~1% one-op stubs where held-out holds ~1/3.
+POOL_MAY_REPEAT: frozenset[str] = frozenset({"code"})
+
+
+def make_row(row_id: str, domain: str, prompt: str, answer: str) -> dict[str, str]:
+    """A dataset row: id, domain, prompt and answer (for code, the reference completion),
+    plus the ``tests`` and ``entry_point`` the code verifier runs."""
+    row = {"id": row_id, "domain": domain, "prompt": prompt, "answer": answer}
+    if domain == "code":
+        row.update(tests=code_tests(prompt), entry_point=CODE_ENTRY_POINT)
+    return row
 
 
 def format_response(domain: str, answer: str) -> str:
     """The response a perfect model produces for ``answer`` (what the teachers are SFT'd on)."""
     if domain == "math":
         return f"\\boxed{{{answer}}}"
-    if domain == "reverse":
+    if domain in ("reverse", "code"):
         return answer
     raise ValueError(f"unknown domain {domain!r}")
 
@@ -128,12 +189,28 @@ def format_response(domain: str, answer: str) -> str:
 VERIFIERS: dict[str, Callable[[str, Mapping[str, Any]], tuple[bool, str]]] = {
     "math": math_verifier.grade,
     "reverse": exact_verifier.grade,
+    "code": code_verifier.grade,  # sandboxed: ~70 ms CPU, 0.1-0.5 s wall per program here
 }
 
 
 def grade_row(response: str, row: Mapping[str, Any]) -> tuple[bool, str]:
-    """Grade a response with the verifier of ``row["domain"]``."""
+    """Grade a response with the verifier of ``row["domain"]`` (what the report uses)."""
     return VERIFIERS[row["domain"]](response, row)
+
+
+def grade_dev_row(response: str, row: Mapping[str, Any]) -> tuple[bool, str]:
+    """The early-stopping grader: ``grade_row``, except that a code response is compared
+    with the reference completion as a string instead of being run in the sandbox.
+
+    A dev check every few steps would otherwise cost more than the training (100 programs,
+    ~7 s CPU and ~40 s wall on the loaded 2-core machine). Equal to the reference implies
+    passing the tests, so code's dev accuracy is a lower bound of the verifier's; the
+    held-out accuracies of the report always come from ``grade_row``.
+    """
+    if row["domain"] == "code":
+        ok = response == row["answer"]  # not stripped: the leading space is the indentation
+        return ok, "the reference completion" if ok else "not the reference completion"
+    return grade_row(response, row)
 
 
 def grade_math(response: str, answer: str) -> bool:
@@ -154,8 +231,9 @@ class SFTPlan:
     """One SFT run on the SFT pools of ``domains``, sampled in proportion to ``weights``
     (default: equal).
 
-    Every ``PrepareSettings.check_every`` steps, greedy accuracy is measured on the dev
-    set of ``stop_domains`` (default: ``domains``). Training stops once it is at least
+    Every ``check_every`` steps (default: ``PrepareSettings.check_every``), greedy
+    accuracy is measured on the dev set of ``stop_domains`` (default: ``domains``; graded
+    by ``grade_dev_row``). Training stops once it is at least
     ``stop_at`` on every one of them (``steps`` still sets the lr schedule), and the
     weights at the first check reaching ``snapshot_at`` everywhere are kept aside.
 
@@ -174,14 +252,27 @@ class SFTPlan:
     snapshot_at: float | None = None
     weights: tuple[float, ...] | None = None
     self_replay: tuple[str, ...] = ()
+    check_every: int | None = None
 
 
 @dataclass(frozen=True)
 class PrepareSettings:
-    """Everything that determines the prepared artefacts; its digest keys the cache."""
+    """Everything that determines the prepared artefacts; its digest keys the cache.
 
+    ``domains`` has ``math`` first: the student starts from the math teacher's snapshot
+    and then learns the other domain(s) while self-replay holds math (``student``). There
+    is one teacher plan per known domain (``teacher_<domain>``); only those of ``domains``
+    are trained.
+    """
+
+    domains: tuple[str, ...] = DEFAULT_DOMAINS
     seed: int = 0
     n_train_per_domain: int = 1000
+    # More training prompts for the domains that learn slower: the prompt mix is the lever
+    # a user has over per-domain progress in a joint run. Measured (runs/expB vs runs/expA,
+    # 300 steps): with 2 reversal prompts per addition prompt, reversal went 0.16 -> 0.39
+    # where the 1:1 mix reached 0.18, and addition still gained (0.11 -> 0.42).
+    train_extra: tuple[tuple[str, int], ...] = (("reverse", 1000),)
     n_heldout_per_domain: int = 100
     # Early-stopping set: disjoint from train, held-out and SFT data, so the held-out
     # accuracies in the report are not selected on.
@@ -200,6 +291,8 @@ class PrepareSettings:
         ("math",), steps=1500, batch_size=64, lr=3e-3, stop_at=0.95, snapshot_at=0.05
     )
     teacher_reverse: SFTPlan = SFTPlan(("reverse",), steps=600, batch_size=64, lr=3e-3, stop_at=0.99)
+    # Stops on the dev exact-match rate, a lower bound of the verifier's (grade_dev_row).
+    teacher_code: SFTPlan = SFTPlan(("code",), steps=800, batch_size=64, lr=3e-3, stop_at=0.98)
     # Student cold start: weak but non-zero on both domains. Addition sits on a loss
     # plateau (~0 accuracy) for a seed-dependent 300-500+ steps before it suddenly climbs
     # to >90% within ~250 steps, so a from-scratch student was slow and its accuracy hard
@@ -222,6 +315,7 @@ class PrepareSettings:
         """Seconds, not minutes: for tests. Accuracies are meaningless."""
         return cls(
             n_train_per_domain=50,
+            train_extra=(("reverse", 25),),
             n_heldout_per_domain=20,
             n_dev_per_domain=20,
             sft_pool_per_domain=500,
@@ -234,27 +328,109 @@ class PrepareSettings:
             check_every=10,
         )
 
-    def digest(self) -> str:
-        payload = json.dumps(
-            {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True
+    @classmethod
+    def code(cls) -> PrepareSettings:
+        """The math + code recipe (configs/demo_code.yaml): the default recipe with the code
+        domain in place of reverse.
+
+        Measured (three builds, 2026-11-23): the code teacher went from 0.19 to 0.84 dev
+        accuracy in 50 steps at lr 3e-3, so the student's code phase checks every 5 steps
+        at a third of that lr (it then climbs from 0.05 to 0.16 in 40-65 steps). The math
+        snapshot is taken at 15% dev accuracy, not 5%, because the student loses some math
+        while it learns code: from snapshots at 6%, 11% and 21% dev accuracy it ended at
+        4%, 5% and 16% on held-out math (the default student: 11%).
+        """
+        return cls(
+            domains=("math", "code"),
+            train_extra=(),
+            teacher_math=dataclasses.replace(cls().teacher_math, snapshot_at=0.15),
+            student=SFTPlan(
+                ("code", "math"), steps=400, batch_size=64, lr=1e-3, stop_at=0.15,
+                stop_domains=("code",), weights=(0.7, 0.3), self_replay=("math",), check_every=5,
+            ),
+            # Code responses are up to 19 characters + EOS (math: 11 + EOS).
+            eval_max_new_tokens=24,
         )
+
+    @classmethod
+    def code_fast(cls) -> PrepareSettings:
+        """``code()`` in seconds, for tests. Accuracies are meaningless."""
+        fast = cls.fast()
+        return dataclasses.replace(
+            fast,
+            domains=("math", "code"),
+            train_extra=(),
+            teacher_code=SFTPlan(("code",), steps=20, batch_size=32, lr=3e-3),
+            student=dataclasses.replace(fast.student, domains=("code", "math")),
+            eval_max_new_tokens=24,
+        )
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.domains if d not in PROBLEM_MAKERS]
+        if unknown or len(set(self.domains)) != len(self.domains) or self.domains[:1] != ("math",):
+            raise ValueError(
+                f"PrepareSettings.domains is {self.domains}; it must list distinct known domains "
+                f"({sorted(PROBLEM_MAKERS)}) with math first (the student starts from the math teacher)"
+            )
+        if set(self.student.domains) != set(self.domains):
+            raise ValueError(
+                f"PrepareSettings.student.domains is {self.student.domains}; the student trains on "
+                f"every domain of PrepareSettings.domains {self.domains}: list the same domains"
+            )
+        extra = [d for d, _ in self.train_extra if d not in self.domains]
+        if extra:
+            raise ValueError(f"PrepareSettings.train_extra names {extra}, which are not in domains {self.domains}")
+
+    def teacher_plan(self, domain: str) -> SFTPlan:
+        """The SFT plan of ``teacher_<domain>``."""
+        return getattr(self, f"teacher_{domain}")
+
+    def digest(self) -> str:
+        """Hash of the settings that shape the artefacts (and ``FORMAT_VERSION``).
+
+        Left out, so that caches built before these fields existed stay valid: the plans
+        of teachers not in ``domains`` (they train nothing), ``domains`` when it is the
+        default pair, an empty ``train_extra``, and a plan's ``check_every`` when unset.
+        """
+        fields = dataclasses.asdict(self)
+        for domain in PROBLEM_MAKERS:
+            if domain not in self.domains:
+                del fields[f"teacher_{domain}"]
+        if self.domains == DEFAULT_DOMAINS:
+            del fields["domains"]
+        if not self.train_extra:
+            del fields["train_extra"]
+        for plan in fields.values():
+            if isinstance(plan, dict) and plan.get("check_every", 0) is None:
+                del plan["check_every"]
+        payload = json.dumps({"format_version": FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def vocab_chars(domains: Sequence[str] = DEFAULT_DOMAINS) -> str:
+    """The tokenizer's characters: ``VOCAB_CHARS``, plus ``CODE_CHARS`` with the code domain."""
+    return VOCAB_CHARS + (CODE_CHARS if "code" in domains else "")
+
+
+def build_tokenizer(domains: Sequence[str] = DEFAULT_DOMAINS) -> PreTrainedTokenizerFast:
     """Character-level tokenizer: one token per character, decoded with no separators.
 
     WordLevel over single characters with a pre-tokenizer that isolates every character;
     ``decoders.Fuse`` joins tokens with nothing in between, so ``decode(encode(s)) == s``
-    for any string over ``VOCAB_CHARS``. No post-processor: the raw prompt is encoded with
-    no BOS, identically by transformers and vLLM. EOS doubles as BOS for code that wants one.
+    for any string over ``vocab_chars(domains)``. No post-processor: the raw prompt is
+    encoded with no BOS, identically by transformers and vLLM. EOS doubles as BOS for code
+    that wants one.
     """
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *VOCAB_CHARS])}
+    chars = vocab_chars(domains)
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # Oniguruma's "." skips newlines (so "\n\n" would be one <unk> piece); "[\s\S]" does
+    # not. The default vocabulary has no newline and keeps "." (its tokenizer.json unchanged).
+    split = Regex("[\\s\\S]" if "\n" in chars else ".")
+    core.pre_tokenizer = pre_tokenizers.Split(split, behavior="isolated")
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -319,15 +495,16 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
 def make_splits(
     settings: PrepareSettings,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]], dict[str, list[tuple[str, str]]]]:
-    """Return (train, heldout, dev, sft_pool) with pairwise-disjoint prompts.
+    """Return (train, heldout, dev, sft_pool) over ``settings.domains``, with
+    pairwise-disjoint prompts.
 
-    Rows are ``{"id", "domain", "prompt", "answer"}``; ``sft_pool[domain]`` holds
-    (prompt, response) pairs in the model's response format.
+    Rows are ``make_row``'s; ``sft_pool[domain]`` holds (prompt, response) pairs in the
+    model's response format (repeats allowed within the pool of a ``POOL_MAY_REPEAT`` domain).
     """
     rng = random.Random(settings.seed)
     taken: set[str] = set()
 
-    def draw(domain: str, n: int) -> list[tuple[str, str]]:
+    def draw(domain: str, n: int, *, repeats: bool = False) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         make = PROBLEM_MAKERS[domain]
         attempts = 0
@@ -338,27 +515,32 @@ def make_splits(
             prompt, answer = make(rng)
             if prompt in taken:
                 continue
-            taken.add(prompt)
+            if not repeats:
+                taken.add(prompt)
             out.append((prompt, answer))
         return out
 
     def rows(split: str, counts: int) -> list[dict[str, str]]:
         out: list[dict[str, str]] = []
-        for domain in DOMAINS:
+        for domain in settings.domains:
             for i, (prompt, answer) in enumerate(draw(domain, counts)):
-                out.append({"id": f"{split}-{domain}-{i:05d}", "domain": domain,
-                            "prompt": prompt, "answer": answer})
+                out.append(make_row(f"{split}-{domain}-{i:05d}", domain, prompt, answer))
         return out
 
     # Held-out and dev are drawn first so their prompts are reserved before anything else.
     heldout = rows("heldout", settings.n_heldout_per_domain)
     dev = rows("dev", settings.n_dev_per_domain)
     train = rows("train", settings.n_train_per_domain)
-    random.Random(settings.seed + 1).shuffle(train)  # mixed domains
     sft_pool = {
-        domain: [(p, format_response(domain, a)) for p, a in draw(domain, settings.sft_pool_per_domain)]
-        for domain in DOMAINS
+        domain: [(p, format_response(domain, a)) for p, a in draw(
+            domain, settings.sft_pool_per_domain, repeats=domain in POOL_MAY_REPEAT)]
+        for domain in settings.domains
     }
+    # Drawn last, so the splits and SFT pools above (and so the models) do not depend on them.
+    for domain, n in settings.train_extra:
+        for i, (prompt, answer) in enumerate(draw(domain, n)):
+            train.append(make_row(f"train-{domain}-{settings.n_train_per_domain + i:05d}", domain, prompt, answer))
+    random.Random(settings.seed + 1).shuffle(train)  # mixed domains
     return train, heldout, dev, sft_pool
 
 
@@ -425,14 +607,20 @@ def evaluate_greedy(
     grade_fn: GradeFn = grade_row,
     *,
     max_new_tokens: int = 16,
+    grade_workers: int = 1,
 ) -> dict[str, float]:
     """Greedy accuracy per ``row["domain"]``. ``grade_fn(response, row)`` returns a bool
-    or a (correct, reason) tuple."""
+    or a (correct, reason) tuple; with ``grade_workers`` > 1 it is called from that many
+    threads (the code sandbox mostly waits on its processes, so runs overlap)."""
     responses = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens)
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
-    for row, response in zip(rows, responses, strict=True):
-        verdict = grade_fn(response, row)
+    if grade_workers > 1:
+        with ThreadPoolExecutor(grade_workers) as pool:
+            verdicts = list(pool.map(grade_fn, responses, rows))
+    else:
+        verdicts = [grade_fn(response, row) for response, row in zip(responses, rows, strict=True)]
+    for row, verdict in zip(rows, verdicts, strict=True):
         ok = verdict[0] if isinstance(verdict, tuple) else bool(verdict)
         total[row["domain"]] += 1
         correct[row["domain"]] += int(ok)
@@ -478,7 +666,9 @@ def train_phase(
     max_new_tokens: int = 16,
     replay_prompts: int = 2000,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """One SFT run with dev-set checks; return (training record, snapshot or None)."""
+    """One SFT run with dev-set checks (``plan.check_every`` overrides ``check_every``);
+    return (training record, snapshot or None)."""
+    check_every = plan.check_every if plan.check_every is not None else check_every
     stop_domains = set(plan.stop_domains or plan.domains)
     dev = [r for r in dev_rows if r["domain"] in stop_domains]
     checks: list[dict[str, Any]] = []
@@ -487,7 +677,7 @@ def train_phase(
 
     def stop_fn(step: int, loss: float) -> bool:
         nonlocal snapshot
-        acc = evaluate_greedy(model, tokenizer, dev, max_new_tokens=max_new_tokens)
+        acc = evaluate_greedy(model, tokenizer, dev, grade_dev_row, max_new_tokens=max_new_tokens)
         checks.append({"step": step, "loss": round(loss, 4), "dev_accuracy": acc})
         logger.info("%s step %d loss %.4f dev accuracy %s", name, step, loss, acc)
         if snapshot is None and plan.snapshot_at is not None and min(acc.values()) >= plan.snapshot_at:
@@ -557,18 +747,32 @@ def is_ready(out_dir: str | os.PathLike[str], settings: PrepareSettings) -> bool
     return _ready_digest(Path(out_dir)) == settings.digest()
 
 
+RECIPES: tuple[str, ...] = ("default", "code")  # configs/schema.py DemoSection.recipe
+
+
+def recipe_settings(recipe: str = "default", fast: bool = False) -> PrepareSettings:
+    """The settings of a named recipe: ``default`` (math + reverse) or ``code`` (math + code)."""
+    if recipe == "default":
+        return PrepareSettings.fast() if fast else PrepareSettings()
+    if recipe == "code":
+        return PrepareSettings.code_fast() if fast else PrepareSettings.code()
+    raise ValueError(f"demo recipe is {recipe!r}; it must be one of {list(RECIPES)}")
+
+
 def prepare(
     out_dir: str | os.PathLike[str],
     fast: bool = False,
     *,
+    recipe: str = "default",
     settings: PrepareSettings | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Build (or reuse) the demo artefacts under ``out_dir``; return the report.
+    """Build (or reuse) the demo artefacts of ``recipe`` under ``out_dir``; return the report.
 
     Returns at once with the cached report when ``READY`` holds the same settings digest.
+    ``settings``, when given, replaces the recipe's.
     """
-    settings = settings or (PrepareSettings.fast() if fast else PrepareSettings())
+    settings = settings or recipe_settings(recipe, fast)
     out = Path(out_dir).resolve()
     if not force and is_ready(out, settings):
         logger.info("demo artefacts in %s are ready (digest %s)", out, settings.digest())
@@ -614,7 +818,7 @@ def _prepare_locked(out: Path, settings: PrepareSettings, fast: bool) -> dict[st
 
 
 def _build(out: Path, settings: PrepareSettings, fast: bool) -> dict[str, Any]:
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(settings.domains)
     train, heldout, dev, pool = make_splits(settings)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "heldout.jsonl", heldout)
@@ -629,8 +833,9 @@ def _build(out: Path, settings: PrepareSettings, fast: bool) -> dict[str, Any]:
                    "sft_pool_per_domain": settings.sft_pool_per_domain},
         "models": {},
     }
-    plans = {"teacher_math": settings.teacher_math, "teacher_reverse": settings.teacher_reverse,
-             "student": settings.student}
+    # The seeds follow this order: teachers in ``domains`` order, then the student.
+    plans = {f"teacher_{d}": settings.teacher_plan(d) for d in settings.domains}
+    plans["student"] = settings.student
     snapshots: dict[str, dict[str, torch.Tensor]] = {}
     for k, (name, plan) in enumerate(plans.items()):
         t0 = time.perf_counter()
@@ -654,9 +859,11 @@ def _build(out: Path, settings: PrepareSettings, fast: bool) -> dict[str, Any]:
         if snapshot is not None:
             snapshots[name] = snapshot
         t_eval = time.perf_counter()
-        accuracy = evaluate_greedy(model, tokenizer, heldout, max_new_tokens=settings.eval_max_new_tokens)
+        # The real verifiers (code: sandboxed), four programs at a time.
+        accuracy = evaluate_greedy(model, tokenizer, heldout, max_new_tokens=settings.eval_max_new_tokens,
+                                   grade_workers=4)
         logger.info("%s held-out greedy accuracy %s", name, accuracy)
-        save_model(model, tokenizer, out / MODEL_DIRS[name])
+        save_model(model, tokenizer, out / name)
         report["models"][name] = {
             "heldout_accuracy": accuracy,
             "init": init,
@@ -674,12 +881,14 @@ def _build(out: Path, settings: PrepareSettings, fast: bool) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (the cache)")
+    parser.add_argument("--recipe", choices=RECIPES, default="default",
+                        help="default: math + reverse (configs/demo.yaml); code: math + code (configs/demo_code.yaml)")
     parser.add_argument("--fast", action="store_true", help="tiny run for tests (seconds)")
     parser.add_argument("--force", action="store_true", help="rebuild even if READY matches")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per model is noise
-    report = prepare(args.out, fast=args.fast, force=args.force)
+    report = prepare(args.out, fast=args.fast, recipe=args.recipe, force=args.force)
     summary = {name: m["heldout_accuracy"] for name, m in report["models"].items()}
     logger.info("held-out greedy accuracy: %s; wall %.1fs", json.dumps(summary), report["wall_seconds"])
     return 0

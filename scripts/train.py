@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.demo.prepare:
         from scripts.prepare_demo import prepare
 
-        prepare(cfg.demo.cache_dir)
+        prepare(cfg.demo.cache_dir, recipe=cfg.demo.recipe)
     try:
         summary = run(cfg)
     except ConfigError as e:

