@@ -125,10 +125,15 @@ class Pipeline:
 
     # -- the stages, each launched without waiting ----------------------------------------
     def produce_on(self, i: int, prompts: list[Prompt]) -> list:
-        """sampler i → verifier → teacher[domain] → buffer chains; returns the buffer.add refs.
+        """sampler i → verifier → teacher[domain] chains; returns the teacher's scored refs.
 
         One generate call per domain, so each chain's rollouts go to one teacher without
-        passing through this process."""
+        passing through this process. The caller hands each scored ref to ``buffer.add``
+        only once it is ready: Ray runs one caller's actor calls in submission order, so an
+        ``add`` waiting on its chain would hold back every later buffer call of this driver
+        (``admit``, ``num_ready``, ``get_batch``) until that chain finished. Measured
+        before this change (Ray task timeline, η = 2): training never overlapped generation,
+        because each step's ``get_batch`` queued behind the adds of the chunks just admitted."""
         a = self.a
         by_dom: dict[str, list[Prompt]] = defaultdict(list)
         for p in prompts:
@@ -137,14 +142,15 @@ class Pipeline:
         for dom, ps in sorted(by_dom.items()):
             rollouts = a.samplers[i].generate.remote(ps)
             verified = a.verifier.verify.remote(rollouts)
-            scored = self.router.pick(dom).score.remote(verified)
-            refs.append(a.buffer.add.remote(scored))
+            refs.append(self.router.pick(dom).score.remote(verified))
         return refs
 
     def produce(self, prompts: list[Prompt]) -> list:
-        """Spread ``prompts`` over all samplers (used by tests and evaluation-style calls)."""
+        """Spread ``prompts`` over all samplers and add the results to the buffer (tests and
+        evaluation-style calls); returns the buffer.add refs."""
         k = len(self.a.samplers)
-        return [r for i in range(k) if prompts[i::k] for r in self.produce_on(i, prompts[i::k])]
+        return [self.a.buffer.add.remote(r) for i in range(k) if prompts[i::k]
+                for r in self.produce_on(i, prompts[i::k])]
 
     def launch_train(self, batch_ref) -> list:
         return [lr.train_step.remote(batch_ref) for lr in self.a.learners]
@@ -185,7 +191,7 @@ class Pipeline:
         a, cfg = self.a, self.cfg
         B, N = cfg.data.prompts_per_step, len(a.samplers)
         chunk = cfg.sampler.chunk_prompts or max(1, -(-B // (2 * N)))
-        inflight: list[tuple[int, list[Prompt], list]] = []  # (sampler, prompts, buffer.add refs)
+        inflight: list[_Chunk] = []
         train_refs: list = []
         sync_refs: list = []
         step = start_step
@@ -193,19 +199,19 @@ class Pipeline:
         m: dict[str, float] = {}
         busy0, t_loop = self.busy_seconds(), time.perf_counter()
         while step < steps:
-            load = [sum(1 for c in inflight if c[0] == i) for i in range(N)]
+            load = [sum(1 for c in inflight if c.sampler == i) for i in range(N)]
             for i in sorted(range(N), key=lambda i: load[i]):  # feed samplers as far as admission allows
                 while load[i] < cfg.sampler.max_inflight_chunks:
                     prompts = _get(a.buffer.admit.remote(chunk), "buffer admission", self.timeout)
                     if not prompts:
                         break
-                    inflight.append((i, prompts, self.produce_on(i, prompts)))
+                    inflight.append(_Chunk(i, prompts, self.produce_on(i, prompts)))
                     load[i] += 1
             if not train_refs and not sync_refs:
                 if _get(a.buffer.num_ready.remote(), "buffer", self.timeout) >= B:
                     batch_ref = a.buffer.get_batch.remote()
                     train_refs, t_train = self.launch_train(batch_ref), time.perf_counter()
-            waiting = [r for _, _, refs in inflight for r in refs] + train_refs + sync_refs
+            waiting = [r for c in inflight for r in c.waiting()] + train_refs + sync_refs
             if not waiting:
                 raise StageError("pipeline stalled: nothing in flight and no batch ready (admission "
                                  "control admits no prompt); check data.prompts_per_step and buffer.max_lag")
@@ -214,16 +220,18 @@ class Pipeline:
                 raise StageError(f"no stage finished within {self.timeout:.0f}s (run.call_timeout_s): "
                                  f"{len(inflight)} rollout chunks, train={bool(train_refs)}, sync={bool(sync_refs)}")
             still, failed = [], []
-            for i, prompts, refs in inflight:
-                if len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs):
-                    try:
-                        _get(refs, f"rollout on sampler {i} (sample → verify → teacher → buffer)", self.timeout)
-                    except StageError as e:
-                        if not e.actor_died:
-                            raise
-                        failed.append((prompts, str(e)))
-                else:
-                    still.append((i, prompts, refs))
+            for c in inflight:
+                c.add_ready(a.buffer)
+                if c.scored or len(ray.wait(c.added, num_returns=len(c.added), timeout=0)[0]) < len(c.added):
+                    still.append(c)
+                    continue
+                try:
+                    _get(c.added, f"rollout on sampler {c.sampler} (sample → verify → teacher → buffer)",
+                         self.timeout)
+                except StageError as e:
+                    if not e.actor_died:
+                        raise
+                    failed.append((c.prompts, str(e)))
             inflight = still
             if failed:
                 # a sampler, verifier or teacher died: its chunk goes back to the queue (the buffer
@@ -324,6 +332,26 @@ class Pipeline:
         for p, c in zip(prompts, ok):
             acc[p.domain].append(c)
         return {d: float(np.mean(v)) for d, v in sorted(acc.items())}
+
+
+class _Chunk:
+    """One admitted chunk of prompts on its way through sampler i → verifier → teacher →
+    buffer: ``scored`` holds the teacher refs not yet handed to the buffer, ``added`` the
+    ``buffer.add`` refs (see ``Pipeline.produce_on`` for why the hand-over waits)."""
+
+    def __init__(self, sampler: int, prompts: list[Prompt], scored: list) -> None:
+        self.sampler, self.prompts, self.scored, self.added = sampler, prompts, list(scored), []
+
+    def waiting(self) -> list:
+        return self.scored + self.added
+
+    def add_ready(self, buffer) -> None:
+        """Hand every finished teacher result to the buffer (a failed one too: its add fails
+        with the same actor error, which the loop then recovers from)."""
+        if not self.scored:
+            return
+        done, self.scored = ray.wait(self.scored, num_returns=len(self.scored), timeout=0)
+        self.added += [buffer.add.remote(r) for r in done]
 
 
 # Each rank reports its share of these (loss terms are already divided by the global response
