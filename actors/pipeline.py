@@ -32,6 +32,7 @@ from actors.teacher import TeacherRouter
 from buffers.dataset import load_prompts
 from buffers.records import Prompt
 from configs.schema import ConfigError, RunConfig, check_paths, dump_config
+from learner.weight_sync import WeightSyncTimeout
 
 log = logging.getLogger("uniopd")
 
@@ -53,6 +54,12 @@ def _get(refs, stage: str, timeout: float):
                          "an actor is hung or the cluster lacks resources") from e
     except ray.exceptions.RayActorError as e:
         raise StageError(f"{stage}: an actor died: {str(e).splitlines()[0]}", actor_died=True) from e
+    except ray.exceptions.RayTaskError as e:
+        # A collective that timed out or lost a peer (learner/weight_sync.py): a stage failure
+        # the driver may recover from (a sampler died mid-sync), not a bug to re-raise as is.
+        if isinstance(e.cause, WeightSyncTimeout):
+            raise StageError(f"{stage}: {e.cause}") from e
+        raise
 
 
 def _wait_ready(handles: list, stage: str, timeout: float) -> None:
@@ -100,6 +107,7 @@ class Pipeline:
         self.version = 0
         self.faults = 0
         self.incarnations: list[str] = []
+        self.sync_groups = 0  # weight-sync groups formed so far (a recovery forms a new one)
 
     # -- setup ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -122,6 +130,7 @@ class Pipeline:
         resolved = ws.model_copy(update={"master_addr": addr})  # "auto" → learner rank 0's node IP
         refs += [s.join_weight_sync.remote(resolved, port, world, specs) for s in a.samplers]
         _get(refs, "weight sync group set-up", ws.timeout_s + 30)
+        self.sync_groups += 1
 
     # -- the stages, each launched without waiting ----------------------------------------
     def produce_on(self, i: int, prompts: list[Prompt]) -> list:
@@ -220,8 +229,9 @@ class Pipeline:
                 raise StageError(f"no stage finished within {self.timeout:.0f}s (run.call_timeout_s): "
                                  f"{len(inflight)} rollout chunks, train={bool(train_refs)}, sync={bool(sync_refs)}")
             still, failed = [], []
+            in_order = True  # chunks hand over in admission order (see _Chunk.add_ready)
             for c in inflight:
-                c.add_ready(a.buffer)
+                in_order = in_order and c.add_ready(a.buffer)
                 if c.scored or len(ray.wait(c.added, num_returns=len(c.added), timeout=0)[0]) < len(c.added):
                     still.append(c)
                     continue
@@ -244,16 +254,19 @@ class Pipeline:
                 m["time/train_s"] = time.perf_counter() - t_train
                 self.version += 1
                 train_refs, sync_refs, t_sync = [], self.launch_sync(self.version), time.perf_counter()
+                sync_group = self.sync_groups
             if sync_refs and len(ray.wait(sync_refs, num_returns=len(sync_refs), timeout=0)[0]) == len(sync_refs):
                 try:
                     res = _get(sync_refs, "weight sync (broadcast learner → samplers)",
                                cfg.weight_sync.timeout_s + 30)
                 except StageError as e:
                     # a sampler that died mid-sync: the group is re-formed and the weights re-sent;
-                    # any other sync failure (the learner, a hang) stops the run
+                    # if a recovery already did that since this sync began (a failed rollout was
+                    # seen first), the current version is on every sampler; any other sync
+                    # failure (the learner, a hang) stops the run
                     _get([lr.ready.remote() for lr in a.learners], "learner (after a failed weight sync)",
                          self.timeout)
-                    if not self.recover(str(e)):
+                    if self.sync_groups == sync_group and not self.recover(str(e)):
                         raise
                     res = [{"weight_sync/seconds": 0.0, "weight_sync/bytes": 0.0}]
                 _get(a.buffer.set_version.remote(self.version), "buffer version update", self.timeout)
@@ -345,13 +358,22 @@ class _Chunk:
     def waiting(self) -> list:
         return self.scored + self.added
 
-    def add_ready(self, buffer) -> None:
-        """Hand every finished teacher result to the buffer (a failed one too: its add fails
-        with the same actor error, which the loop then recovers from)."""
-        if not self.scored:
-            return
-        done, self.scored = ray.wait(self.scored, num_returns=len(self.scored), timeout=0)
-        self.added += [buffer.add.remote(r) for r in done]
+    def add_ready(self, buffer) -> bool:
+        """Hand the finished teacher results to the buffer in admission order: the leading
+        ones that are done (a failed one too: its add fails with the same actor error, which
+        the loop then recovers from). Returns whether all were handed over.
+
+        Order matters for SPEC §2: the buffer batches groups first-come, and admission
+        control bounds the lag only if groups become ready in the order they were admitted
+        (a later chunk overtaking an earlier one would push the earlier into a later batch)."""
+        if self.scored:
+            done = set(ray.wait(self.scored, num_returns=len(self.scored), timeout=0)[0])
+            k = 0
+            while k < len(self.scored) and self.scored[k] in done:
+                k += 1
+            self.added += [buffer.add.remote(r) for r in self.scored[:k]]
+            self.scored = self.scored[k:]
+        return not self.scored
 
 
 # Each rank reports its share of these (loss terms are already divided by the global response
