@@ -8,7 +8,9 @@ counts as incorrect (SPEC notation), and the run goes on.
 
 Within one call (``verify``, ``grade_many``) responses whose verdict depends on the
 same inputs are graded once: a group of n samples often repeats a response, and a code
-verdict costs a sandbox run (~70 ms CPU). The verdict stays the grader's own.
+verdict costs a sandbox run. The code responses of a call are graded together, in one
+sandbox per 32 programs (~20 ms CPU a program instead of ~75 alone). The verdict stays
+the grader's own.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ log = logging.getLogger(__name__)
 
 GradeFn = Callable[[str, dict], tuple[bool, str]]  # (response, row fields) → (correct, reason)
 KeyFn = Callable[[str, dict], Hashable]  # (response, row fields) → what the verdict depends on
+GradeManyFn = Callable[[list[tuple[str, dict]]], list[tuple[bool, str]]]
 
 
 @dataclass(frozen=True)
 class Grader:
     """A domain's grading rule, and the inputs its verdict is a function of: two responses
-    with equal keys get the same verdict, so one grading serves both."""
+    with equal keys get the same verdict, so one grading serves both. ``grade_many``, where
+    set, grades a list at once (cheaper than one by one)."""
 
     grade: GradeFn
     key: KeyFn
+    grade_many: GradeManyFn | None = None
 
 
 def _answer_key(response: str, row: dict) -> Hashable:
@@ -51,13 +56,14 @@ def build_grader(kind) -> Grader:
 
         return Grader(grade, _answer_key)
     if kind.type == "code":
-        from actors.verifiers.code import SandboxLimits, grade, grading_inputs
+        from actors.verifiers.code import SandboxLimits, grade, grade_many, grading_inputs
 
         assert isinstance(kind, CodeVerifier)
         limits = SandboxLimits(wall_seconds=kind.wall_seconds, memory_bytes=kind.memory_mb * 2**20)
         # (solution source, prompt, tests, entry point): responses that differ only outside
         # the program (prose around a fenced block) share a sandbox run too.
-        return Grader(lambda response, row: grade(response, row, limits=limits), grading_inputs)
+        return Grader(lambda response, row: grade(response, row, limits=limits), grading_inputs,
+                      lambda items: grade_many(items, limits, parallel=kind.parallel))
     raise ValueError(f"unknown verifier type {kind.type!r}")
 
 
@@ -83,19 +89,31 @@ class Verifier:
 
     def _grade_all(self, texts: list[str], prompts: list[Prompt]) -> list[tuple[bool, str]]:
         """``grade_text`` of each pair; a pair whose key was seen earlier in the call reuses
-        that verdict."""
-        seen: dict[Hashable, tuple[bool, str]] = {}
-        out = []
-        for text, prompt in zip(texts, prompts, strict=True):
+        that verdict; a domain with ``grade_many`` grades its distinct pairs in one go."""
+        first: dict[Hashable, int] = {}  # key → index of the pair that is graded
+        source = []  # index of the pair whose verdict each pair takes
+        for i, (text, prompt) in enumerate(zip(texts, prompts, strict=True)):
             key = self._key(text, prompt)
-            if key is not None and key in seen:
-                out.append(seen[key])
-                continue
-            verdict = self.grade_text(text, prompt)
-            if key is not None:
-                seen[key] = verdict
-            out.append(verdict)
-        return out
+            if key is None:
+                source.append(i)
+            else:
+                source.append(first.setdefault(key, i))
+        graded = sorted(set(source))
+        verdicts: dict[int, tuple[bool, str]] = {}
+        for domain in dict.fromkeys(prompts[i].domain for i in graded):
+            mine = [i for i in graded if prompts[i].domain == domain]
+            many = self.graders[domain].grade_many if domain in self.graders else None
+            if many is not None and len(mine) > 1:
+                try:
+                    out = many([(texts[i], vars(prompts[i])) for i in mine])
+                    verdicts.update(zip(mine, out, strict=True))
+                    continue
+                except Exception as e:  # noqa: BLE001 - fall back to one by one (each error recorded)
+                    log.warning("batch grading of %d %s responses raised %s; grading one by one",
+                                len(mine), domain, e)
+            for i in mine:
+                verdicts[i] = self.grade_text(texts[i], prompts[i])
+        return [verdicts[j] for j in source]
 
     def verify(self, rollouts: list[Rollout]) -> list[VerifiedRollout]:
         t0 = time.perf_counter()

@@ -78,6 +78,8 @@ class CodeVerifier(_Section):
     type: Literal["code"] = "code"
     wall_seconds: float = Field(5.0, gt=0, description="Wall-clock limit of one program run.")
     memory_mb: int = Field(512, ge=16, description="Address-space limit of one program run.")
+    parallel: int = Field(2, ge=1, description="Programs of one verify call that run at once in the sandbox "
+                          "(each with its own limits); a batch of hostile loops then takes ⌈n/parallel⌉ wall limits.")
 
 
 VerifierConfig = Annotated[MathVerifier | ExactVerifier | CodeVerifier, Field(discriminator="type")]

@@ -217,11 +217,12 @@ def test_no_code_and_syntax_error():
 
 
 def _count_sandbox_runs(monkeypatch) -> list:
+    """The programs that reach the sandbox (a batch counts each of its programs)."""
     runs: list = []
     real = cv._run
 
     def counting(job, *args, **kwargs):
-        runs.append(job.get("source"))
+        runs.extend(p["source"] for p in job["programs"]) if job["mode"] == "batch" else runs.append(job["source"])
         return real(job, *args, **kwargs)
 
     monkeypatch.setattr(cv, "_run", counting)
@@ -730,6 +731,140 @@ def test_concurrent_runs_use_separate_slots():
     for t in threads:
         t.join()
     assert len(results) == 12 and all(expected == got for expected, got in results), results
+
+
+# --- batches: many programs in one sandbox ---------------------------------------------
+
+# One of each kind of ending; every program must get in a batch the verdict it gets alone.
+BATCH = [
+    ADD_COMPLETION,
+    "    while True:\n        pass\n",  # timeout, next to programs that must not suffer from it
+    "    return a - b\n",
+    "    import os\n    os._exit(0)\n",
+    "    x = bytearray(10**10)\n",  # memory
+    "    return a +\n",  # syntax error, never reaches the sandbox
+    "    import os\n    os.kill(os.getppid(), 9)\n    return a + b\n",  # the judge is another uid
+    "    print('all tests passed')\n    raise SystemExit(0)\n",
+    "import os\nif os.fork() == 0:\n    os.setsid()\n    import time; time.sleep(60)\n",  # a daemon; no add
+    ADD_COMPLETION,
+]
+
+
+@pytest.mark.parametrize("iso", MODES, ids=MODE_IDS)
+def test_a_batch_gives_every_program_its_own_verdict(iso):
+    alone = [evaluate(r, limits=SHORT, iso=iso).reason for r in BATCH]
+    t0 = time.perf_counter()
+    together = cv.evaluate_many([(r, ADD) for r in BATCH], SHORT, isolation=iso, parallel=2)
+    elapsed = time.perf_counter() - t0
+    assert [r.reason for r in together] == alone, (alone, together)
+    assert alone[:5] == ["passed", "timeout", "failed", "crashed", "memory"] and alone[-1] == "passed"
+    assert elapsed < 2 * SHORT.wall_seconds + GRACE  # one loop: at most two wall limits (one per slot)
+
+
+@pytest.mark.parametrize("iso", MODES, ids=MODE_IDS)
+def test_hostile_loops_in_a_batch_run_side_by_side(iso):
+    loop = "    while True:\n        pass\n"
+    items = [(loop, ADD), (ADD_COMPLETION, ADD), (loop, ADD), (ADD_COMPLETION, ADD)]
+    t0 = time.perf_counter()
+    out = cv.evaluate_many(items, SHORT, isolation=iso, parallel=2)
+    assert [r.reason for r in out] == ["timeout", "passed", "timeout", "passed"]
+    assert time.perf_counter() - t0 < 2 * SHORT.wall_seconds + GRACE  # the two loops overlapped
+
+
+@needs_setuid
+@pytest.mark.parametrize("iso", MODES, ids=MODE_IDS)
+def test_programs_of_a_batch_cannot_reach_each_other(iso):
+    """Program 0 leaves a file, a daemon and a SysV-free trace of itself; program 1, run after
+    it in the same sandbox, must find none of them (its answer is right only if so)."""
+    marker = f"uniopd-batch-{os.getpid()}-{time.monotonic_ns()}"
+    first = (
+        "import os, sys\n"
+        "open('left.txt', 'w').write('x')\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    devnull = os.open('/dev/null', os.O_RDWR)\n"
+        "    for fd in (0, 1, 2):\n        os.dup2(devnull, fd)\n"
+        f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])\n"
+        "def add(a, b):\n    return a + b\n"
+    )
+    second = (
+        "import os\n"
+        "def add(a, b):\n"
+        "    seen = []\n"
+        "    for d in ('..', '../..', '../../0', '../../0/s'):\n"
+        "        try:\n            seen += os.listdir(d)\n        except OSError:\n            pass\n"
+        "    if 'left.txt' in seen:\n        return 'file'\n"
+        "    for pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+        "        try:\n"
+        f"            if {marker!r}.encode() in open(f'/proc/{{pid}}/cmdline', 'rb').read():\n"
+        "                return 'daemon'\n"
+        "        except OSError:\n            pass\n"
+        "    return a + b\n"
+    )
+    out = cv.evaluate_many([(first, ADD), (second, ADD)], FAST, isolation=iso, parallel=1)
+    assert [r.reason for r in out] == ["passed", "passed"], out
+
+
+def test_tests_and_nonces_never_travel_through_the_launcher(monkeypatch):
+    """The solution processes are forked from the sandbox's init: what the init holds, a
+    solution could read. The tests and nonces go to the judges through pipes of their own."""
+    payloads: list = []
+    real = cv._boot_payload
+
+    def capture(entry, *args):
+        out = real(entry, *args)
+        payloads.append(out)
+        return out
+
+    monkeypatch.setattr(cv, "_boot_payload", capture)
+    secret = f"SECRET{time.monotonic_ns()}"
+    row = SimpleNamespace(prompt=ADD.prompt, tests=ADD.tests + f"    assert {secret!r}\n", entry_point="add")
+    nonces: list = []
+    real_token = cv.secrets.token_hex
+    monkeypatch.setattr(cv.secrets, "token_hex", lambda n=None: nonces.append(real_token(n)) or nonces[-1])
+    out = cv.evaluate_many([(ADD_COMPLETION, row), ("    return 0\n", row)], FAST)
+    assert [r.reason for r in out] == ["passed", "failed"]
+    assert payloads and len(nonces) == 2
+    for payload in payloads:
+        assert secret.encode() not in payload
+        assert not any(n.encode() in payload for n in nonces)
+
+
+@needs_ns
+def test_a_solution_finds_no_earlier_verdict_in_its_memory():
+    """Program 0 fails an assertion that names a marker (its verdict detail carries the
+    test line); program 1 walks every object reachable in its interpreter for it."""
+    needle = "ZQXJ71"
+    row0 = SimpleNamespace(prompt=ADD.prompt, tests=f"def check(candidate):\n    assert candidate(1, 2) == 4, '{needle}'\n",
+                           entry_point="add")
+    scan = (
+        "import gc\n"
+        "def add(a, b):\n"
+        "    needle = ''.join(map(chr, [90, 81, 88, 74, 55, 49]))\n"
+        "    for o in gc.get_objects():\n"
+        "        for r in [o, *gc.get_referents(o)]:\n"
+        "            if r is needle:\n                continue\n"
+        "            if isinstance(r, str) and needle in r:\n                return 'found'\n"
+        "            if isinstance(r, (bytes, bytearray)) and needle.encode() in r:\n                return 'found'\n"
+        "    return a + b\n"
+    )
+    out = cv.evaluate_many([(ADD_COMPLETION, row0), (scan, ADD)], FAST, parallel=1)
+    assert out[0].reason == "failed" and needle in out[0].detail
+    assert out[1].reason == "passed", out[1]
+
+
+def test_the_verifier_grades_a_call_in_one_batch(monkeypatch):
+    from actors.verifier import Verifier
+    from configs.schema import CodeVerifier, DomainConfig
+
+    calls: list = []
+    real = cv._run
+    monkeypatch.setattr(cv, "_run", lambda job, *a, **k: calls.append(job["mode"]) or real(job, *a, **k))
+    verifier = Verifier({"code": DomainConfig(teacher="t", verifier=CodeVerifier(wall_seconds=3.0))})
+    texts = [ADD_COMPLETION, "    return a - b\n", "    return b + a\n", "    return a +\n", ADD_COMPLETION]
+    out = verifier.verify([_code_rollout(t) for t in texts])
+    assert [v.correct for v in out] == [True, False, True, False, True]
+    assert calls == ["batch"]  # three distinct compiling programs, one sandbox
 
 
 # --- pieces ------------------------------------------------------------------------------
