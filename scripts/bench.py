@@ -10,7 +10,11 @@ Prints a table and writes ``bench.json`` with per-mode samples_per_s, tokens_per
 sampler_idle_frac, learner_idle_frac, teacher_idle_frac, lag_max, weight_sync_s_mean
 and the ratios async_over_sync and async_over_ceiling (the best async mode), all
 measured in this run, plus, per pipeline mode, the seconds each actor method ran per step
-(from Ray's task events) to show where the time goes. Held-out evaluation is switched off: only throughput counts.
+(from Ray's task events) and how busy this machine's cores were while it trained
+(``cpu_busy_frac``, ``cpu_s_per_step``, from /proc/stat) to show where the time goes and
+what bounds it. ``sync_cpu_bound`` is the most any overlap could give on this machine: the
+synchronous step time over the time its own CPU work takes when spread over every core.
+Held-out evaluation is switched off: only throughput counts.
 """
 
 from __future__ import annotations
@@ -26,6 +30,50 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger("uniopd")
+
+
+class CpuSampler:
+    """Samples this machine's busy and total CPU time (/proc/stat, all cores) every
+    ``period`` seconds in a thread; :meth:`between` gives busy core-seconds and the busy
+    fraction over a wall-clock window. Linux only (elsewhere every figure is None)."""
+
+    def __init__(self, period: float = 0.2) -> None:
+        import threading
+
+        self.samples: list[tuple[float, float, float]] = []  # (time.time(), busy s, total s)
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.ok = Path("/proc/stat").exists()
+        if self.ok:
+            self._thread.start()
+
+    @staticmethod
+    def _read() -> tuple[float, float]:
+        import os
+
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+        return (total - idle) / hz, total / hz
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            busy, total = self._read()
+            self.samples.append((time.time(), busy, total))
+            self._stop.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def between(self, t0: float, t1: float) -> tuple[float | None, float | None]:
+        """(busy core-seconds, busy fraction of all cores) from the samples nearest inside [t0, t1]."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if not self.ok or len(inside) < 2:
+            return None, None
+        (_, b0, c0), (_, b1, c1) = inside[0], inside[-1]
+        return b1 - b0, (b1 - b0) / (c1 - c0) if c1 > c0 else None
 
 
 def measure_ceiling(cfg, prompts, n_prompts: int) -> dict[str, float]:
@@ -62,6 +110,15 @@ def measure_ceiling(cfg, prompts, n_prompts: int) -> dict[str, float]:
             "weight_sync_s_mean": 0.0, "seconds": wall}
 
 
+def training_window(t0: float, t1: float) -> tuple[float, float] | None:
+    """Wall-clock span from the first learner step's start to the last one's end in [t0, t1]."""
+    import ray
+
+    spans = [(e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in ray.timeline()
+             if e.get("ph") == "X" and e.get("cat") == "task::Learner.train_step" and t0 <= e["ts"] / 1e6 <= t1]
+    return (min(a for a, _ in spans), max(b for _, b in spans)) if spans else None
+
+
 def task_seconds(t0: float, t1: float, steps: int) -> dict[str, float]:
     """Where the time went, from Ray's own task events (``ray.timeline``): for every actor
     method that ran between wall-clock ``t0`` and ``t1``, its summed execution seconds per
@@ -80,7 +137,7 @@ def task_seconds(t0: float, t1: float, steps: int) -> dict[str, float]:
     return {k: v / steps for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v / steps >= 1e-3}
 
 
-def run_mode(config, overrides, name: str, steps: int, lag: int) -> dict[str, float]:
+def run_mode(config, overrides, name: str, steps: int, lag: int, cpu: CpuSampler) -> dict[str, float]:
     from actors.pipeline import run
     from configs.schema import load_config
 
@@ -90,8 +147,12 @@ def run_mode(config, overrides, name: str, steps: int, lag: int) -> dict[str, fl
     s = run(cfg)
     out = {k: s[k] for k in ("samples_per_s", "tokens_per_s", "sampler_idle_frac", "learner_idle_frac",
                              "teacher_idle_frac", "lag_max", "weight_sync_s_mean")}
+    t1 = time.time()
+    window = training_window(t0, t1)
+    busy, frac = cpu.between(*window) if window else (None, None)
     return out | {"seconds": s["train_seconds"], "step_s": s["train_seconds"] / steps,
-                  "task_s_per_step": task_seconds(t0, time.time(), steps)}
+                  "cpu_busy_frac": frac, "cpu_s_per_step": busy / steps if busy is not None else None,
+                  "task_s_per_step": task_seconds(t0, t1, steps)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,13 +183,22 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=cfg.run.ray_address) if cfg.run.ray_address else ray.init(
         num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False)
     modes: dict[str, dict[str, float]] = {}
+    cpu = CpuSampler()
     try:
         modes["ceiling"] = measure_ceiling(cfg, prompts, args.steps * cfg.data.prompts_per_step)
-        modes["sync"] = run_mode(args.config, args.overrides, "sync", args.steps, 0)
+        modes["sync"] = run_mode(args.config, args.overrides, "sync", args.steps, 0, cpu)
         for lag in args.lags:
-            modes[f"async_lag{lag}"] = run_mode(args.config, args.overrides, f"async_lag{lag}", args.steps, lag)
+            modes[f"async_lag{lag}"] = run_mode(args.config, args.overrides, f"async_lag{lag}", args.steps, lag, cpu)
     finally:
+        cpu.stop()
         ray.shutdown()
+    import os
+
+    cores = os.cpu_count() or 1
+    sync = modes["sync"]
+    # The sync step's own CPU work, spread perfectly over every core: no overlap can beat it.
+    sync_cpu_bound = (sync["step_s"] / (sync["cpu_s_per_step"] / cores)
+                      if sync.get("cpu_s_per_step") else None)
     best = max((m for m in modes if m.startswith("async")), key=lambda m: modes[m]["samples_per_s"], default=None)
     result = {
         "config": str(args.config or "configs/demo.yaml"), "overrides": args.overrides, "steps": args.steps,
@@ -137,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "best_async": best,
         "async_over_sync": modes[best]["samples_per_s"] / modes["sync"]["samples_per_s"] if best else None,
         "async_over_ceiling": modes[best]["samples_per_s"] / modes["ceiling"]["samples_per_s"] if best else None,
+        "cores": cores,
+        "sync_cpu_bound": sync_cpu_bound,
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
     cols = ("samples_per_s", "tokens_per_s", "sampler_idle_frac", "teacher_idle_frac", "learner_idle_frac",
@@ -149,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         if "task_s_per_step" in m:
             top = ", ".join(f"{k} {v:.3f}" for k, v in list(m["task_s_per_step"].items())[:8])
             print(f"  {name:<12} step_s {m['step_s']:.3f}: {top}")
+    print(f"\nthis machine's {cores} cores while training (/proc/stat):")
+    for name, m in modes.items():
+        if m.get("cpu_busy_frac") is not None:
+            print(f"  {name:<12} busy {m['cpu_busy_frac']:.2f} of all cores, {m['cpu_s_per_step']:.2f} CPU-s per step")
+    if sync_cpu_bound:
+        print(f"sync_cpu_bound = {sync_cpu_bound:.2f}  (sync step time / its CPU work spread over {cores} cores: "
+              "the most any overlap could give here)")
     if best:
         print(f"async_over_sync = {result['async_over_sync']:.2f}  (best async mode: {best})")
         print(f"async_over_ceiling = {result['async_over_ceiling']:.2f}")
