@@ -199,7 +199,7 @@ class Pipeline:
         ``on_step(step, metrics)`` is called after each step's weight sync."""
         a, cfg = self.a, self.cfg
         B, N = cfg.data.prompts_per_step, len(a.samplers)
-        chunk = cfg.sampler.chunk_prompts or max(1, -(-B // (2 * N)))
+        chunk = cfg.sampler.chunk_prompts or max(1, -(-B // N))
         inflight: list[_Chunk] = []
         train_refs: list = []
         sync_refs: list = []

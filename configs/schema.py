@@ -107,8 +107,10 @@ class SamplerConfig(_Section):
     type: Literal["vllm"] = "vllm"
     num_samplers: int = Field(1, ge=1, description="N sampler actors, each holding one vLLM engine.")
     chunk_prompts: int = Field(
-        0, ge=0, description="Prompts per generate call (0: prompts_per_step / (2·num_samplers)). Smaller chunks "
-        "give weight syncs earlier turns (they wait for the call in progress), larger ones batch better.")
+        0, ge=0, description="Prompts per generate call (0: prompts_per_step / num_samplers, one call per sampler "
+        "per step). Smaller chunks give weight syncs earlier turns (they wait for the call in progress), larger "
+        "ones batch better: measured on the demo (scripts/bench.py), B/N instead of B/(2N) cut the CPU per step "
+        "from 2.4 to 1.9 s and raised sync 76 → 91 and async 91 → 122 samples/s.")
     max_inflight_chunks: int = Field(
         2, ge=1, description="Chunks queued per sampler: with 2, a sampler generates the next chunk while the "
         "last one is verified and scored.")

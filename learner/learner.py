@@ -206,7 +206,7 @@ class Learner:
                                          mask * b["has_topk_B"][:, None], kind=_DIST_KIND[o.dist_kind],
                                          beta=o.jsd_beta)
             dist_B = obj.per_response_mean(tok_BT, mask * b["has_topk_B"][:, None])
-            dist_w_B = torch.ones_like(b["weight_B"]) if o.dist_on_masked else b["weight_B"]
+            dist_w_B = obj.dist_term_weights(b["weight_B"], o.dist_on_masked)
             stats["dist_loss"] = float(obj.reduce_over_batch(dist_B.detach(), dist_w_B, n_total))
         # SPEC §1 reduction over the *global* batch; DeepSpeed averages gradients over W ranks, so ×W.
         loss = obj.combine_terms(pg_B, dist_B, b["weight_B"], n_total, pg_weight=o.pg_weight,

@@ -292,9 +292,14 @@ def combine_terms(
     """
     loss = pg_weight * reduce_over_batch(pg_B, response_weight_B, n_responses_total)
     if dist_B is not None:
-        dist_w_B = torch.ones_like(response_weight_B) if dist_on_masked else response_weight_B
-        loss = loss + dist_weight * reduce_over_batch(dist_B, dist_w_B, n_responses_total)
+        loss = loss + dist_weight * reduce_over_batch(dist_B, dist_term_weights(response_weight_B, dist_on_masked),
+                                                      n_responses_total)
     return loss
+
+
+def dist_term_weights(response_weight_B: Tensor, dist_on_masked: bool) -> Tensor:
+    """The per-response weights of the distribution term (see :func:`combine_terms`)."""
+    return torch.ones_like(response_weight_B) if dist_on_masked else response_weight_B
 
 
 # ---------------------------------------------------------------------------
