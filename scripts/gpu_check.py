@@ -281,18 +281,9 @@ def learner_case(model: str, zero: int, bf16: bool, sync: list[str]) -> None:
     report(f"{tag} param_specs shapes", shapes_ok and n_zero == 0,
            f"{len(specs)} specs, {n_zero} with numel 0, dtypes={sorted({s.dtype for s in specs})}, "
            f"e.g. {specs[0].name}{specs[0].shape}")
-    fixed = False
     if not shapes_ok:
-        if zero != 3:
-            print("  (skipping weight sync for this case: the plan does not match the parameters)", flush=True)
-            return
-        # Check the proposed fix: build the plan from the ZeRO-3 full shapes (p.ds_shape).
-        from learner.weight_sync import ParamSpec
-
-        specs = [ParamSpec(n, tuple(p.ds_shape), str(p.dtype).removeprefix("torch."))
-                 for n, p in learner._full_named_params()]
-        fixed = True
-        print("  (weight sync below uses a plan built from p.ds_shape, i.e. the proposed fix)", flush=True)
+        print("  (skipping weight sync for this case: the plan does not match the parameters)", flush=True)
+        return
     ctx = mp.get_context("spawn")
     for backend in sync:
         if backend == "nccl1":  # world of one: rank 0 alone
@@ -311,7 +302,7 @@ def learner_case(model: str, zero: int, bf16: bool, sync: list[str]) -> None:
                        f"second={m2['weight_sync/seconds']:.4f}s")
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
-                report(f"{tag} weight_sync nccl world=1{' (ds_shape plan)' if fixed else ''}", False, f"{type(e).__name__}: {e}")
+                report(f"{tag} weight_sync nccl world=1", False, f"{type(e).__name__}: {e}")
             continue
         port = free_port()
         wcfg = WeightSyncConfig(backend=backend, bucket_mb=1.0, timeout_s=30)
@@ -322,19 +313,17 @@ def learner_case(model: str, zero: int, bf16: bool, sync: list[str]) -> None:
         try:
             learner._sync = None
             learner.join_weight_sync(wcfg, "127.0.0.1", port, 2)
-            if fixed:
-                learner._buckets = buckets
             m1 = learner.broadcast_weights(1)
             m2 = learner.broadcast_weights(2)
             if backend == "nccl":
                 torch.cuda.synchronize()
             status, got = q.get(timeout=90)
             if status != "ok":
-                report(f"{tag} weight_sync {backend} 2-proc{' (ds_shape plan)' if fixed else ''}", False, f"receiver: {got}")
+                report(f"{tag} weight_sync {backend} 2-proc", False, f"receiver: {got}")
             else:
                 diff = max(float((expect[k] - torch.from_numpy(got[k])).abs().max()) for k in expect)
                 same_keys = set(got) == set(expect)
-                report(f"{tag} weight_sync {backend} 2-proc{' (ds_shape plan)' if fixed else ''}", same_keys and diff == 0.0,
+                report(f"{tag} weight_sync {backend} 2-proc", same_keys and diff == 0.0,
                        f"max|recv-sent|={diff:.3e} bytes={m1['weight_sync/bytes']:.0f} buckets={len(buckets)} "
                        f"first={m1['weight_sync/seconds']:.4f}s second={m2['weight_sync/seconds']:.4f}s")
         except Exception as e:  # noqa: BLE001
@@ -344,7 +333,7 @@ def learner_case(model: str, zero: int, bf16: bool, sync: list[str]) -> None:
                 rx = "; receiver: " + str(q.get(timeout=40)[1])
             except Exception:  # noqa: BLE001
                 pass
-            report(f"{tag} weight_sync {backend} 2-proc{' (ds_shape plan)' if fixed else ''}", False, f"sender: {type(e).__name__}: {e}{rx}")
+            report(f"{tag} weight_sync {backend} 2-proc", False, f"sender: {type(e).__name__}: {e}{rx}")
         finally:
             proc.join(timeout=10)
             if proc.is_alive():
