@@ -976,19 +976,39 @@ def _teardown(ns_mode: bool, uids: list, statuses: dict) -> None:
     _reap(statuses, block=ns_mode)
 
 
-def _uid_has_processes(uid: int, proc_dir: str) -> bool:
-    want = str(uid).encode()
+def _proc_table(proc_dir: str = "/proc"):
+    """(pid, {real, effective, saved uid}, live) of every process in ``proc_dir`` (live: not
+    a zombie). Used on both sides: the grader's backstops and the init's per-program sweep."""
     for name in os.listdir(proc_dir):
-        if name.isdigit():
-            try:
-                with open(f"{proc_dir}/{name}/status", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            i = data.find(b"\nUid:")
-            if i >= 0 and want in data[i + 5 : data.find(b"\n", i + 1)].split()[:3]:
-                return True
-    return False
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc_dir}/{name}/status", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        i = data.find(b"\nUid:")
+        if i < 0:
+            continue
+        j = data.find(b"\nState:")
+        live = not (j >= 0 and data[j + 7 : j + 16].split()[:1] in ([b"Z"], [b"X"]))
+        yield int(name), {int(u) for u in data[i + 5 : data.find(b"\n", i + 1)].split()[:3]}, live
+
+
+def _uid_has_processes(uid: int, proc_dir: str) -> bool:
+    return any(uid in ids for _, ids, _ in _proc_table(proc_dir))
+
+
+def _reaped():
+    """(pid, wait status) of every exited child, without blocking."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def _msg(tag: bytes, k: int, value: int) -> bytes:
@@ -1009,13 +1029,7 @@ def _zygote_main(job: dict, libc: _Libc, root: str | None, base: str, sock) -> N
     kids: dict = {}  # pid -> program index
     while True:
         ready = select.select([sock], [], [], 0.01 if kids else None)[0]
-        while kids:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        for pid, status in _reaped() if kids else ():
             if pid in kids:
                 sock.send(_msg(b"X", kids.pop(pid), status))
         if not ready:
@@ -1180,13 +1194,7 @@ def _batch_main(job: dict, libc: _Libc, root: str | None, base: str, host_base: 
                 recv()
             elif fd in by_fd:
                 read(fd)
-        while True:  # judges (and, without namespaces... orphans re-parented here)
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        for pid, status in _reaped():  # judges, the zygote, orphans re-parented here
             statuses[pid] = status
             if pid in judges:
                 k = judges.pop(pid)
@@ -1621,20 +1629,8 @@ def _uids_in_use() -> dict[int, bool]:
     """uid → whether it has a live process, for every uid (real, effective or saved) that
     has a process in /proc, zombies included."""
     out: dict[int, bool] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        i = data.find(b"\nUid:")
-        if i < 0:
-            continue
-        j = data.find(b"\nState:")
-        live = not (j >= 0 and data[j + 7 : j + 16].split()[:1] in ([b"Z"], [b"X"]))
-        for uid in {int(u) for u in data[i + 5 : data.find(b"\n", i + 1)].split()[:3]}:
+    for _, uids, live in _proc_table():
+        for uid in uids:
             out[uid] = out.get(uid, False) or live
     return out
 
@@ -1644,25 +1640,8 @@ def _processes_of(uids: tuple[int, ...], zombies: bool = False) -> list[int]:
 
     Zombies (dead, waiting for a parent to reap them) are left out unless asked for:
     without a PID namespace, killed orphans are reaped by the machine's init, at its pace."""
-    wanted = {str(u).encode() for u in uids}
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        i = data.find(b"\nUid:")
-        if i < 0 or not wanted.intersection(data[i + 5 : data.find(b"\n", i + 1)].split()[:3]):
-            continue
-        if not zombies:
-            j = data.find(b"\nState:")
-            if j >= 0 and data[j + 7 : j + 16].split()[:1] in ([b"Z"], [b"X"]):
-                continue
-        out.append(int(name))
-    return out
+    wanted = set(uids)
+    return [pid for pid, ids, live in _proc_table() if wanted & ids and (zombies or live)]
 
 
 def _kill_processes_of(uids: tuple[int, ...], timeout: float = 2.0) -> int:
