@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,8 +51,6 @@ class CpuSampler:
 
     @staticmethod
     def _read() -> tuple[float, float]:
-        import os
-
         fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         hz = os.sysconf("SC_CLK_TCK")
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
@@ -192,8 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cpu.stop()
         ray.shutdown()
-    import os
-
     cores = os.cpu_count() or 1
     sync = modes["sync"]
     # The sync step's own CPU work, spread perfectly over every core: no overlap can beat it.

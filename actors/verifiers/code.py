@@ -920,7 +920,7 @@ def _init_main(job: dict, libc: _Libc) -> None:
         _report(vfd, "DONE")
         os.close(vfd)
         os._exit(0)
-    uids = job["uids"]  # [solution uid] or None
+    uids = job["uids"]  # the slot's [solution uid, judge uid] (only the first runs here), or None
     d = host_base + "/s"
     os.mkdir(d, 0o700)
     with open(d + "/" + job["filename"], "wb") as f:
