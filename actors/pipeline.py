@@ -15,11 +15,13 @@ shutdown happens in ``finally``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,9 @@ from actors import checkpoint
 from actors.metrics import MetricsWriter
 from actors.placement import Actors, resource_plan, spawn_actors
 from actors.teacher import TeacherRouter
-from buffers.dataset import load_prompts
+from actors.vocab_check import check_tokenizers
+from buffers.dataset import LoadedSource, as_prompts, load_sources
+from buffers.formatting import resolve_chat_template
 from buffers.records import Prompt
 from configs.schema import ConfigError, RunConfig, check_paths, dump_config
 from learner.weight_sync import WeightSyncTimeout
@@ -88,6 +92,14 @@ def describe_plan(cfg: RunConfig) -> str:
     for d, c in cfg.domains.items():
         lines.append(f"  {d:<10} → {c.teacher:<18} ({c.verifier.type}) {cfg.teachers[c.teacher].path}")
     lines.append(f"student: {cfg.student.path}")
+    total_w = sum(src.weight for src in cfg.data.train)
+    lines.append(f"data (prompts ≤ {cfg.max_prompt_tokens} tokens, chat template "
+                 f"{ {None: 'when the tokenizer has one', True: 'on', False: 'off'}[cfg.data.chat_template]}):")
+    for src in cfg.data.train:
+        dom = src.domain or f"column {src.domain_key!r}"
+        lines.append(f"  train   {src.label:<12} {src.weight / total_w:6.1%}  {dom:<10} {src.path}")
+    for src in cfg.data.heldout or []:
+        lines.append(f"  heldout {src.label:<12}         {src.domain or src.domain_key!s:<10} {src.path}")
     o = cfg.learner.objective
     lines.append(f"objective: {o.pg_weight:g}×reverse_kl_pg + {o.dist_weight:g}×{o.dist_kind} (top-{o.top_k}); "
                  f"calibration: {cfg.buffer.calibration.mode}/{cfg.buffer.calibration.statistic}/"
@@ -320,24 +332,40 @@ class Pipeline:
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate_student(self, prompts: list[Prompt]) -> dict[str, float]:
+        """Greedy held-out accuracy of the student, batched through the samplers' vLLM engines."""
         a = self.a
         k = len(a.samplers)
         parts = [prompts[j::k] for j in range(k)]
         texts_parts = _get([s.generate_greedy.remote(p) for s, p in zip(a.samplers, parts) if p],
-                           "held-out evaluation (student)", self.timeout)
+                           "held-out evaluation (student)", self.cfg.run.eval_timeout_s)
         ordered = [p for part in parts if part for p in part]
         texts = [t for part in texts_parts for t in part]
         return self._accuracy(ordered, texts)
 
     def evaluate_teachers(self, prompts: list[Prompt]) -> dict[str, float]:
+        """The bar: each domain's teacher on its held-out prompts, batched through the teacher's own
+        vLLM engine, cached per (teacher, held-out set) under ``<output_dir>/.eval_cache``."""
         by_dom: dict[str, list[Prompt]] = defaultdict(list)
         for p in prompts:
             by_dom[p.domain].append(p)
-        doms = sorted(by_dom)
-        outs = _get([self.router.pick(d).generate_greedy.remote(by_dom[d]) for d in doms],
-                    "held-out evaluation (teachers)", self.timeout)
-        ordered = [p for d in doms for p in by_dom[d]]
-        return self._accuracy(ordered, [t for o in outs for t in o])
+        out: dict[str, float] = {}
+        todo = []
+        for d in sorted(by_dom):
+            path = _eval_cache_path(self.cfg, d, by_dom[d])
+            if path.is_file():
+                out[d] = json.loads(path.read_text())["accuracy"]
+                log.info("teacher bar for %s from cache %s: %.3f", d, path, out[d])
+            else:
+                todo.append((d, path))
+        if todo:
+            texts = _get([self.router.pick(d).generate_greedy.remote(by_dom[d]) for d, _ in todo],
+                         "held-out evaluation (teachers)", self.cfg.run.eval_timeout_s)
+            for (d, path), t in zip(todo, texts):
+                out[d] = self._accuracy(by_dom[d], t)[d]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"domain": d, "teacher": self.cfg.domains[d].teacher, "accuracy": out[d],
+                                            "prompts": len(by_dom[d])}))
+        return dict(sorted(out.items()))
 
     def _accuracy(self, prompts: list[Prompt], texts: list[str]) -> dict[str, float]:
         ok = _get(self.a.verifier.grade_many.remote(texts, prompts), "held-out grading", self.timeout)
@@ -388,28 +416,46 @@ def _learner_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
             float((np.sum if k in _SUMMED_OVER_RANKS else np.mean)([r[k] for r in per_rank])) for k in per_rank[0]}
 
 
-def _heldout(cfg: RunConfig, verifier_of_domain: dict[str, str]) -> list[Prompt]:
-    if cfg.data.heldout is None:
-        return []
-    prompts = load_prompts(cfg.data.heldout, verifier_of_domain, cfg.data.on_bad_row).prompts
-    if cfg.data.heldout_limit:
-        count: dict[str, int] = defaultdict(int)
-        kept = []
-        for p in prompts:
-            if count[p.domain] < cfg.data.heldout_limit:
-                kept.append(p)
-                count[p.domain] += 1
-        prompts = kept
-    return prompts
+def _eval_cache_path(cfg: RunConfig, domain: str, prompts: list[Prompt]) -> Path:
+    """Key: the teacher's weights (file names, sizes, mtimes), the held-out prompts' ids and tokens, the
+    generation length and the domain's verifier."""
+    teacher = cfg.teachers[cfg.domains[domain].teacher]
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(teacher.path).glob("*")
+                     if f.suffix in (".safetensors", ".bin", ".pt"))
+    h = hashlib.sha256(json.dumps([str(Path(teacher.path).resolve()), weights, cfg.sampler.max_new_tokens,
+                                   cfg.domains[domain].verifier.model_dump(), sorted(cfg.sampler.stop),
+                                   [(p.id, p.prompt_ids, p.answer, p.tests) for p in prompts]]).encode())
+    return Path(cfg.run.output_dir) / ".eval_cache" / f"{domain}-{h.hexdigest()[:20]}.json"
+
+
+@dataclass
+class RunData:
+    """What the run trains and evaluates on, loaded and checked before any actor starts."""
+
+    train: list[LoadedSource]
+    heldout: list[Prompt]
+    chat_template: bool
+
+
+def load_data(cfg: RunConfig) -> RunData:
+    """Tokenizers compatible (teachers read the student's ids), sources read, rendered with the student's
+    chat template and length-checked (buffers/dataset.py)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.student.path)
+    check_tokenizers(cfg.student.path, {n: t.path for n, t in cfg.teachers.items()}, student_tok=tok)
+    chat = resolve_chat_template(cfg.data.chat_template, tok, cfg.student.path)
+    train = load_sources(cfg, "train", tok, chat)
+    heldout = as_prompts(load_sources(cfg, "heldout", tok, chat), cfg.data.heldout_limit)
+    return RunData(train, heldout, chat)
 
 
 def run(cfg: RunConfig) -> dict:
     """Validate inputs, start Ray and the actors, train ``run.steps`` steps (resuming from the
     latest complete checkpoint when ``run.resume`` names a run directory), write the summary."""
     check_paths(cfg)
-    verifier_of_domain = {d: c.verifier.type for d, c in cfg.domains.items()}
-    train = load_prompts(cfg.data.train, verifier_of_domain, cfg.data.on_bad_row)
-    heldout = _heldout(cfg, verifier_of_domain)
+    data = load_data(cfg)
+    heldout = data.heldout
     run_dir = Path(cfg.run.resume) if cfg.run.resume else cfg.run_dir
     ckpt = None
     if cfg.run.resume:
@@ -420,8 +466,10 @@ def run(cfg: RunConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     log.info("plan:\n%s", describe_plan(cfg))
-    log.info("data: %d training prompts (%d bad rows skipped), %d held-out", len(train.prompts), train.skipped,
-             len(heldout))
+    for src in data.train:
+        log.info("data: source %r: %d prompts (weight %g; %d bad rows and %d overlong prompts skipped)", src.label,
+                 len(src), src.weight, src.skipped, src.overlong)
+    log.info("data: %d held-out prompts; chat template %s", len(heldout), "on" if data.chat_template else "off")
 
     started_ray = False
     if not ray.is_initialized():
@@ -435,12 +483,14 @@ def run(cfg: RunConfig) -> dict:
     actors: Actors | None = None
     writer = MetricsWriter(run_dir)
     try:
-        actors = spawn_actors(cfg, train.prompts)
+        actors = spawn_actors(cfg, data.train)
         pipe = Pipeline(cfg, actors)
         t_setup = time.perf_counter()
         pipe.start()
         log.info("actors up in %.1fs", time.perf_counter() - t_setup)
-        summary: dict = {"steps": 0, "accuracy": {}}
+        summary: dict = {"steps": 0, "accuracy": {}, "data": {
+            src.label: {"prompts": len(src), "skipped_bad_rows": src.skipped, "skipped_overlong": src.overlong}
+            for src in data.train}}
         start_step = 0
         if ckpt is not None:
             meta = checkpoint.load_meta(ckpt)
@@ -454,7 +504,8 @@ def run(cfg: RunConfig) -> dict:
             log.info("resumed from %s: step %d, policy version %d, %d in-flight prompts requeued", ckpt,
                      start_step, pipe.version, requeued)
         elif heldout:
-            summary["accuracy"]["teacher"] = pipe.evaluate_teachers(heldout)
+            if cfg.run.eval_teachers:
+                summary["accuracy"]["teacher"] = pipe.evaluate_teachers(heldout)
             summary["accuracy"]["before"] = pipe.evaluate_student(heldout)
             log.info("held-out accuracy: teacher %s, student before %s", summary["accuracy"]["teacher"],
                      summary["accuracy"]["before"])

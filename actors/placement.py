@@ -8,6 +8,7 @@ logical CPUs declared (STACK.md: an actor that cannot be scheduled waits forever
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +19,12 @@ from actors.sampler import Sampler
 from actors.teacher import Teacher
 from actors.verifier import Verifier
 from buffers.records import Prompt
-from buffers.replay import ReplayBuffer
+from buffers.replay import PromptSource, ReplayBuffer
 from configs.schema import RunConfig
 from learner.learner import Learner
 
-# vLLM on CPU runs in-process inside the actor (STACK.md: 2–3 s start-up instead of 15 s).
+# vLLM on CPU runs in-process inside the actor (STACK.md: 2–3 s start-up instead of 15 s);
+# samplers and teachers alike.
 _SAMPLER_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -66,7 +68,15 @@ def resource_plan(cfg: RunConfig) -> list[tuple[str, int, float, float]]:
     return plan
 
 
-def spawn_actors(cfg: RunConfig, train_prompts: list[Prompt]) -> Actors:
+def _on_this_node() -> dict[str, Any]:
+    """Pin an actor to the driver's node: the buffer memory-maps the sources' Arrow files that the
+    driver's load wrote to this node's ``datasets`` cache (buffers/dataset.py)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
+def spawn_actors(cfg: RunConfig, train_sources: Sequence[PromptSource] | list[Prompt]) -> Actors:
     s = cfg.sampler
     env = {**_SAMPLER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_gib)}
     samplers = [
@@ -76,14 +86,15 @@ def spawn_actors(cfg: RunConfig, train_prompts: list[Prompt]) -> Actors:
     ]
     top_k = cfg.learner.objective.top_k if cfg.needs_topk else 0
     teachers = {
-        name: [_remote(Teacher, t.num_cpus, t.num_gpus, max_restarts=2).remote(
-            name, t, top_k=top_k, max_new_tokens=s.max_new_tokens, chaos_delay_s=cfg.chaos.teacher_delay_s,
-            seed=cfg.run.seed + j) for j in range(t.replicas)]
+        name: [_remote(Teacher, t.num_cpus, t.num_gpus, {**_SAMPLER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(t.kv_cache_gib)},
+                       max_restarts=2).remote(
+            name, t, top_k=top_k, max_model_len=t.max_model_len or s.max_model_len, max_new_tokens=s.max_new_tokens,
+            chaos_delay_s=cfg.chaos.teacher_delay_s, seed=cfg.run.seed + j) for j in range(t.replicas)]
         for name, t in cfg.teachers.items()
     }
     verifier = _remote(Verifier, cfg.verifier.num_cpus, max_restarts=2).remote(cfg.domains)
-    buffer = _remote(ReplayBuffer, cfg.buffer.num_cpus).remote(
-        train_prompts, cfg.buffer, group_size=s.n, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.run.seed)
+    buffer = _remote(ReplayBuffer, cfg.buffer.num_cpus, **_on_this_node()).remote(
+        train_sources, cfg.buffer, group_size=s.n, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.run.seed)
     learners = [
         _remote(Learner, cfg.learner.num_cpus, cfg.learner.num_gpus).remote(
             cfg.student.path, cfg.learner, rank=r, world_size=cfg.learner.world_size, seed=cfg.run.seed,

@@ -56,6 +56,9 @@ class Sampler:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_prefix_caching=False,
         )
+        eos = self.tokenizer.eos_token_id
+        self._stop_ids = sorted(set(cfg.stop_token_ids) | ({eos} if eos is not None else set()))
+        self.refused = 0
         self.version = 0
         self._incarnation = uuid.uuid4().hex
         self._chaos = (random.Random(seed + 7919 * rank), chaos_delay_s)
@@ -64,28 +67,57 @@ class Sampler:
         self.busy_s = 0.0
 
     # -- generation -----------------------------------------------------------------------
-    def _encode(self, prompts: list[Prompt]) -> list[list[int]]:
-        return [self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in prompts]
+    def _params(self, **kw):
+        """Sampling settings from config; EOS of the tokenizer and the generation config always stop
+        (vLLM adds the generation config's), plus ``sampler.stop`` strings and ``stop_token_ids``."""
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=self.cfg.max_new_tokens, stop=list(self.cfg.stop) or None,
+                              stop_token_ids=self._stop_ids or None, **kw)
+
+    def _run(self, prompts: list[Prompt], params) -> list:
+        """One engine call; a prompt the engine refuses (too long, say) fails alone: its output is
+        None and the others are generated (the whole batch is retried without it)."""
+        from vllm import TokensPrompt
+
+        fits = [len(p.prompt_ids) < self.cfg.max_model_len for p in prompts]
+        idx = [i for i, ok in enumerate(fits) if ok]
+        outs: list = [None] * len(prompts)
+        try:
+            got = self.llm.generate([TokensPrompt(prompt_token_ids=list(prompts[i].prompt_ids)) for i in idx],
+                                    params, use_tqdm=False)
+            for i, o in zip(idx, got):
+                outs[i] = o
+        except ValueError as e:  # vLLM's input validation: find the refused prompt(s) one by one
+            log.warning("sampler %d: the engine refused a batch (%s); retrying prompt by prompt", self.rank, e)
+            for i in idx:
+                try:
+                    outs[i] = self.llm.generate([TokensPrompt(prompt_token_ids=list(prompts[i].prompt_ids))], params,
+                                                use_tqdm=False)[0]
+                except ValueError as e1:
+                    log.warning("sampler %d: prompt %s refused: %s", self.rank, prompts[i].id, e1)
+        refused = [p.id for p, o in zip(prompts, outs) if o is None]
+        if refused:
+            self.refused += len(refused)
+            log.warning("sampler %d: %d prompts refused by the engine (first %s; max_model_len %d)", self.rank,
+                        len(refused), refused[0], self.cfg.max_model_len)
+        return outs
 
     def generate(self, prompts: list[Prompt]) -> list[Rollout]:
         """n responses per prompt, sampled, with behaviour log-probs and the policy version."""
-        from vllm import SamplingParams, TokensPrompt
-
         rng, delay = self._chaos
         if delay:
             time.sleep(rng.uniform(0, delay))  # fault injection (config `chaos`), not counted as busy
         t0 = time.perf_counter()
-        params = SamplingParams(
-            n=self.cfg.n,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            max_tokens=self.cfg.max_new_tokens,
-            logprobs=0,
-        )
-        ids = self._encode(prompts)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False)
+        params = self._params(n=self.cfg.n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, logprobs=0)
+        outs = self._run(prompts, params)
         rollouts = []
-        for prompt, pids, out in zip(prompts, ids, outs):
+        for prompt, out in zip(prompts, outs):
+            pids = list(prompt.prompt_ids)
+            if out is None:  # refused: n empty responses, so the buffer closes the group and counts it
+                rollouts += [Rollout(prompt, j, pids, [], np.zeros(0, np.float32), self.version, "", "refused",
+                                     self.rank) for j in range(self.cfg.n)]
+                continue
             for j, c in enumerate(out.outputs):
                 toks = list(c.token_ids)
                 lps = np.array([c.logprobs[t][tok].logprob for t, tok in enumerate(toks)], dtype=np.float32)
@@ -98,7 +130,7 @@ class Sampler:
                         behaviour_logprobs_T=lps,
                         policy_version=self.version,
                         text=c.text,
-                        finish_reason=str(c.finish_reason),
+                        finish_reason=c.finish_reason if c.finish_reason in ("stop", "length") else "abort",
                         sampler_rank=self.rank,
                     )
                 )
@@ -106,14 +138,9 @@ class Sampler:
         return rollouts
 
     def generate_greedy(self, prompts: list[Prompt]) -> list[str]:
-        """Greedy decoding for held-out accuracy."""
-        from vllm import SamplingParams, TokensPrompt
-
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.max_new_tokens)
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=x) for x in self._encode(prompts)], params, use_tqdm=False
-        )
-        return [o.outputs[0].text for o in outs]
+        """Greedy decoding for held-out accuracy, batched in one engine call (a refused prompt: "")."""
+        outs = self._run(prompts, self._params(n=1, temperature=0.0))
+        return ["" if o is None else o.outputs[0].text for o in outs]
 
     # -- weights --------------------------------------------------------------------------
     def join_weight_sync(self, cfg: WeightSyncConfig, port: int, world_size: int, specs: list[ParamSpec]) -> bool:

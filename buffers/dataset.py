@@ -1,105 +1,309 @@
-"""Prompt datasets: JSONL or Parquet, one record per prompt, validated row by row.
+"""Prompt sources: files, folders or globs of JSONL/JSON/Parquet/Arrow (or a hub dataset), read with
+Hugging Face ``datasets``, validated row by row and rendered into the student's prompt ids.
 
-A record needs ``id``, ``domain``, ``prompt`` and what its domain's verifier needs
-(``answer`` for math/exact, ``tests`` and ``entry_point`` for code). A malformed row
-is an error naming the file, the row (1-based line for JSONL, 0-based row index for
-Parquet) and the field; with ``on_bad_row="skip"`` it is skipped and counted instead.
+Each source (``data.train[i]``, ``configs/schema.py`` ``DataSource``) has its own column names; a
+load turns it into one table with canonical columns::
+
+    id · domain · prompt (the verifier's text) · prompt_ids (templated, buffers/formatting.py)
+    answer · tests · entry_point
+
+through one batched ``datasets.map``, whose result is an Arrow file in the ``datasets`` cache: a
+repeated run reuses it, and the table is memory-mapped, so handing it to the buffer actor
+(on the driver's node, actors/placement.py) pickles a file reference, not the rows — a
+1M-row source is never copied into an actor. Only the buffer holds training sources;
+samplers see one admitted chunk of prompts at a time.
+
+Bad input: a malformed row is an error naming the source, the file, the row and the field
+(``on_bad_row: fail``) or is skipped and counted (``skip``). A templated prompt longer than
+``max_prompt_tokens`` (student tokens) fails the load or is skipped and counted
+(``overlong_prompts``). Ids missing from the data are derived from the row's prompt and answer
+(the same row gets the same id on every load; a repeated prompt gets ``-2``, ``-3``, ...).
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import logging
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from buffers.formatting import PromptFormat, PromptFormatError, encode, user_text
 from buffers.records import Prompt
+from configs.schema import DataSource, RunConfig
 
 log = logging.getLogger(__name__)
 
 _NEEDS = {"math": ("answer",), "exact": ("answer",), "code": ("tests", "entry_point")}
+_BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet",
+             ".arrow": "arrow"}
+CANONICAL = ("id", "domain", "prompt", "prompt_ids", "answer", "tests", "entry_point")
 
 
 class DatasetError(ValueError):
     pass
 
 
-@dataclass
-class LoadedDataset:
-    prompts: list[Prompt]
-    skipped: int
-    path: str
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suf in sorted(_BUILDERS, key=len, reverse=True):
+        if name.endswith(suf):
+            return suf
+    return path.suffix
 
 
-def _rows(path: Path) -> Iterator[tuple[str, Any]]:
-    if path.suffix in (".jsonl", ".json"):
-        with path.open() as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{i}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, DatasetError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object")
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path} row {i}", row
-    else:
-        raise DatasetError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl or .parquet")
-
-
-def _parse(where: str, row: Any, verifier_of_domain: dict[str, str]) -> Prompt:
-    if isinstance(row, DatasetError):
-        raise row
-    if not isinstance(row, dict):
-        raise DatasetError(f"{where}: a record must be an object with id, domain, prompt")
-    for key in ("id", "domain", "prompt"):
-        if row.get(key) in (None, ""):
-            raise DatasetError(f"{where}: field `{key}` is missing or empty")
-    domain = str(row["domain"])
-    if domain not in verifier_of_domain:
-        raise DatasetError(
-            f"{where}: field `domain` is {domain!r}, which the config does not define "
-            f"(known: {sorted(verifier_of_domain)}); add it under `domains` or fix the row"
-        )
-    for key in _NEEDS.get(verifier_of_domain[domain], ()):
-        if row.get(key) in (None, ""):
-            raise DatasetError(
-                f"{where}: field `{key}` is missing; domain {domain!r} uses the "
-                f"{verifier_of_domain[domain]!r} verifier, which needs it"
-            )
-    return Prompt(
-        id=str(row["id"]),
-        domain=domain,
-        prompt=str(row["prompt"]),
-        answer=None if row.get("answer") is None else str(row["answer"]),
-        tests=row.get("tests"),
-        entry_point=row.get("entry_point"),
-    )
+def source_files(src: DataSource) -> list[Path] | None:
+    """The files of a local source (sorted), or None for a hub dataset name. Raises
+    ``FileNotFoundError`` with the fix when a local-looking path matches nothing."""
+    p = Path(src.path)
+    if any(ch in src.path for ch in "*?["):
+        files = [Path(f) for f in sorted(glob.glob(src.path, recursive=True)) if _suffix(Path(f)) in _BUILDERS]
+        if not files:
+            raise FileNotFoundError(f"{src.path!r}: the glob matches no .jsonl/.json/.parquet/.arrow file")
+        return files
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _suffix(f) in _BUILDERS
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not files:
+            raise FileNotFoundError(f"{src.path!r}: the folder holds no .jsonl/.json/.parquet/.arrow file")
+        return files
+    if p.is_file():
+        if _suffix(p) not in _BUILDERS:
+            raise FileNotFoundError(f"{src.path!r}: unknown format {p.suffix!r}; use .jsonl, .json, .parquet or .arrow")
+        return [p]
+    # "owner/name" with no such local path: a hub dataset. Anything path-like is a missing file.
+    if src.path.startswith((".", "/", "~")) or src.path.count("/") != 1 or p.suffix:
+        raise FileNotFoundError(f"{src.path!r}: no such file or folder")
+    return None
 
 
-def load_prompts(path: str | Path, verifier_of_domain: dict[str, str], on_bad_row: str = "fail") -> LoadedDataset:
-    """Read and validate every row; raise ``DatasetError`` (fail) or skip and count (skip)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: dataset file does not exist")
-    prompts, skipped, seen = [], 0, set()
-    for where, row in _rows(path):
+def _read_files(src: DataSource, files: list[Path] | None):
+    """One ``datasets.Dataset`` per file (so a row's error can name its file), or the hub split."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if files is None:
         try:
-            p = _parse(where, row, verifier_of_domain)
-            if p.id in seen:
-                raise DatasetError(f"{where}: field `id` {p.id!r} repeats an earlier row; ids must be unique")
-            seen.add(p.id)
-            prompts.append(p)
+            return [(f"{src.path} ({src.split})", datasets.load_dataset(src.path, split=src.split))]
+        except Exception as e:  # noqa: BLE001 - offline machines get a message that says what to do
+            raise DatasetError(f"source {src.label!r}: cannot load hub dataset {src.path!r} split {src.split!r} "
+                               f"({type(e).__name__}: {e}); download it and point `path` at the files") from e
+    out = []
+    for f in files:
+        try:
+            ds = datasets.load_dataset(_BUILDERS[_suffix(f)], data_files=[str(f)], split="train")
+        except Exception as e:  # noqa: BLE001 - malformed file: name it
+            raise DatasetError(f"source {src.label!r}: cannot read {f} ({type(e).__name__}: {e})") from e
+        out.append((str(f), ds))
+    return out
+
+
+def _text(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def derived_id(prompt: Any, answer: Any) -> str:
+    """A stable id from what makes a row a row (its prompt and answer)."""
+    blob = json.dumps([prompt, answer], sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _RowSpec:
+    """What the batched map needs (picklable: ``datasets`` fingerprints it to cache the result)."""
+
+    src: DataSource
+    fmt: PromptFormat
+    verifier_of_domain: dict[str, str]
+    max_prompt_tokens: int
+    has_id: bool
+
+
+def _convert_batch(batch: dict[str, list], indices: list[int], *, spec: _RowSpec, tokenizer, where: str) -> dict:
+    src, out = spec.src, {k: [] for k in (*CANONICAL, "_error", "_overlong")}
+    n = len(indices)
+    for j in range(n):
+        row = {k: v[j] for k, v in batch.items()}
+        err, overlong = None, False
+        rec = dict.fromkeys(CANONICAL)
+        rec["prompt_ids"] = []
+        try:
+            prompt = row.get(src.prompt_key)
+            if prompt in (None, "", []):
+                raise DatasetError(f"field `{src.prompt_key}` (prompt_key) is missing or empty")
+            domain = src.domain if src.domain is not None else row.get(src.domain_key)
+            if domain in (None, ""):
+                raise DatasetError(f"field `{src.domain_key}` (domain_key) is missing or empty")
+            domain = str(domain)
+            if domain not in spec.verifier_of_domain:
+                raise DatasetError(f"field `{src.domain_key}` is {domain!r}, which the config does not define "
+                                   f"(known: {sorted(spec.verifier_of_domain)}); add it under `domains` or fix the row")
+            fields = {"answer": row.get(src.answer_key), "tests": row.get(src.tests_key),
+                      "entry_point": row.get(src.entry_point_key)}
+            keys = {"answer": src.answer_key, "tests": src.tests_key, "entry_point": src.entry_point_key}
+            for need in _NEEDS.get(spec.verifier_of_domain[domain], ()):
+                if fields[need] in (None, ""):
+                    raise DatasetError(f"field `{keys[need]}` ({need}_key) is missing; domain {domain!r} uses the "
+                                       f"{spec.verifier_of_domain[domain]!r} verifier, which needs it")
+            if spec.has_id:
+                if row.get(src.id_key) in (None, ""):
+                    raise DatasetError(f"field `{src.id_key}` (id_key) is missing or empty")
+                rec["id"] = str(row[src.id_key])
+            else:
+                rec["id"] = f"{src.label}-{derived_id(prompt, fields['answer'])}"
+            try:
+                rec["prompt"] = user_text(prompt)
+                rec["prompt_ids"] = encode(prompt, spec.fmt, tokenizer)
+            except PromptFormatError as e:
+                raise DatasetError(f"field `{src.prompt_key}`: {e}") from None
+            overlong = len(rec["prompt_ids"]) > spec.max_prompt_tokens
+            rec.update(domain=domain, answer=_text(fields["answer"]), tests=_text(fields["tests"]),
+                       entry_point=_text(fields["entry_point"]))
         except DatasetError as e:
+            err = f"source {src.label!r}, {where} row {indices[j]}: {e}"
+        for k in CANONICAL:
+            out[k].append(rec[k])
+        out["_error"].append(err)
+        out["_overlong"].append(overlong)
+    return out
+
+
+@dataclass
+class LoadedSource:
+    """A source's canonical table (memory-mapped Arrow) and what the load dropped."""
+
+    source: DataSource
+    table: Any  # datasets.Dataset with CANONICAL columns
+    skipped: int
+    overlong: int
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def label(self) -> str:
+        return self.source.label
+
+    @property
+    def weight(self) -> float:
+        return self.source.weight
+
+    def prompt(self, i: int) -> Prompt:
+        return row_prompt(self.table[int(i)], self.source.label)
+
+
+def load_source(src: DataSource, fmt: PromptFormat, tokenizer, verifier_of_domain: dict[str, str], *,
+                on_bad_row: str = "fail", max_prompt_tokens: int, overlong_prompts: str = "skip",
+                num_proc: int = 1) -> LoadedSource:
+    """Read, validate, render and tokenize one source; raise ``DatasetError`` naming source, file, row, field."""
+    import datasets
+
+    files = source_files(src)
+    has_id = src.id_key is not None
+    spec = _RowSpec(src, fmt, dict(verifier_of_domain), max_prompt_tokens, has_id)
+    parts, skipped, overlong = [], 0, 0
+    for where, raw in _read_files(src, files):
+        if has_id and src.id_key not in raw.column_names:
+            has_id = False  # "derived stably from the row when absent"
+            spec = _RowSpec(src, fmt, dict(verifier_of_domain), max_prompt_tokens, False)
+            log.info("source %r: no `%s` column in %s; ids are derived from prompt and answer", src.label,
+                     src.id_key, where)
+        conv = raw.map(_convert_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+                       fn_kwargs={"spec": spec, "tokenizer": tokenizer, "where": where},
+                       num_proc=num_proc if num_proc > 1 and len(raw) > 10_000 else None,
+                       desc=f"formatting {src.label}")
+        errors = [e for e in conv["_error"] if e is not None]
+        if errors:
             if on_bad_row == "fail":
-                raise
-            skipped += 1
-            log.warning("skipping bad row: %s", e)
-    if not prompts:
-        raise DatasetError(f"{path}: no valid rows")
-    return LoadedDataset(prompts=prompts, skipped=skipped, path=str(path))
+                raise DatasetError(f"{errors[0]}\n({len(errors)} bad rows in {where}; fix them or set "
+                                   f"`data.on_bad_row: skip` to drop and count them)")
+            for e in errors[:5]:
+                log.warning("skipping bad row: %s", e)
+            skipped += len(errors)
+            conv = conv.filter(lambda e: e is None, input_columns="_error")
+        n_long = sum(conv["_overlong"])
+        if n_long:
+            if overlong_prompts == "fail":
+                i = conv["_overlong"].index(True)
+                raise DatasetError(f"source {src.label!r}, {where}: {n_long} prompts are longer than "
+                                   f"{max_prompt_tokens} tokens after templating (first: id {conv[i]['id']!r}, "
+                                   f"{len(conv[i]['prompt_ids'])} tokens); raise `data.max_prompt_tokens` / "
+                                   f"`sampler.max_model_len`, or set `data.overlong_prompts: skip`")
+            log.warning("source %r, %s: %d prompts longer than %d tokens skipped", src.label, where, n_long,
+                        max_prompt_tokens)
+            overlong += n_long
+            conv = conv.filter(lambda o: not o, input_columns="_overlong")
+        parts.append(conv.remove_columns(["_error", "_overlong"]))
+    table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(table) == 0:
+        raise DatasetError(f"source {src.label!r} ({src.path}): no valid rows ({skipped} bad, {overlong} overlong)")
+    table = _unique_ids(table, src, has_id)
+    return LoadedSource(src, table, skipped, overlong)
+
+
+def _unique_ids(table, src: DataSource, has_id: bool):
+    ids = table["id"]
+    dup = [k for k, c in Counter(ids).items() if c > 1]
+    if not dup:
+        return table
+    if has_id:
+        raise DatasetError(f"source {src.label!r}: id {dup[0]!r} (column `{src.id_key}`) repeats; ids must be "
+                           f"unique (or set `id_key: null` to derive them from each row)")
+    seen: dict[str, int] = defaultdict(int)
+    new = []
+    for i in ids:
+        seen[i] += 1
+        new.append(i if seen[i] == 1 else f"{i}-{seen[i]}")
+    return table.remove_columns("id").add_column("id", new)
+
+
+def row_prompt(row: dict, source: str) -> Prompt:
+    """A canonical row as the record samplers, teachers and verifiers use."""
+    return Prompt(id=row["id"], domain=row["domain"], prompt=row["prompt"], answer=row["answer"], tests=row["tests"],
+                  entry_point=row["entry_point"], prompt_ids=tuple(row["prompt_ids"]), source=source)
+
+
+def source_ids_unique_across(sources: list[LoadedSource]) -> None:
+    """Ids key accounting and resume: two sources may not share one (prefix one with its name)."""
+    owner: dict[str, str] = {}
+    for s in sources:
+        for i in s.table["id"]:
+            if owner.setdefault(i, s.source.label) != s.source.label:
+                raise DatasetError(f"id {i!r} appears in sources {owner[i]!r} and {s.source.label!r}; ids must be "
+                                   f"unique across sources (rename one, or derive ids with `id_key: null`)")
+
+
+def prompt_format(cfg: RunConfig, src: DataSource, chat_template: bool) -> PromptFormat:
+    return PromptFormat(chat_template=chat_template, chat_template_kwargs=dict(cfg.data.chat_template_kwargs),
+                        system_prompt=src.system_prompt, prompt_template=src.prompt_template)
+
+
+def load_sources(cfg: RunConfig, split: str, tokenizer, chat_template: bool) -> list[LoadedSource]:
+    """Every source of ``data.train`` or ``data.heldout`` (``split``), loaded and checked."""
+    verifier_of_domain = {d: c.verifier.type for d, c in cfg.domains.items()}
+    out = [load_source(src, prompt_format(cfg, src, chat_template), tokenizer, verifier_of_domain,
+                       on_bad_row=cfg.data.on_bad_row, max_prompt_tokens=cfg.max_prompt_tokens,
+                       overlong_prompts=cfg.data.overlong_prompts, num_proc=cfg.data.num_proc)
+           for src in getattr(cfg.data, split) or []]
+    source_ids_unique_across(out)
+    return out
+
+
+def as_prompts(sources: list[LoadedSource], limit_per_domain: int = 0) -> list[Prompt]:
+    """The rows of small sources (held-out sets) as records, at most ``limit_per_domain`` per domain."""
+    count: dict[str, int] = defaultdict(int)
+    out = []
+    for s in sources:
+        for row in s.table:
+            if limit_per_domain and count[row["domain"]] >= limit_per_domain:
+                continue
+            count[row["domain"]] += 1
+            out.append(row_prompt(row, s.source.label))
+    return out

@@ -17,11 +17,19 @@ import numpy as np
 
 TeacherStatus = Literal["ok", "failed"]
 DropReason = Literal["stale", "teacher_failed"]
+# vLLM's finish reasons, plus "refused": the engine would not take the prompt (too long, say);
+# such a prompt fails on its own and its group is dropped, the run goes on (buffers/replay.py).
+FinishReason = Literal["stop", "length", "abort", "refused"]
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One dataset record. ``uid`` is unique per admission (a prompt id may recur across epochs)."""
+    """One dataset record. ``uid`` is unique per admission (a prompt id may recur across epochs).
+
+    ``prompt`` is the prompt's own text as the verifier reads it (a code stub, a question: the
+    last user message, without template); ``prompt_ids`` are the tokens the student is
+    conditioned on, rendered once at load by ``buffers/formatting.py`` (chat template, system
+    prompt, prompt template). Samplers, teachers and evaluation all use ``prompt_ids``."""
 
     id: str
     domain: str
@@ -30,7 +38,9 @@ class Prompt:
     tests: str | None = None
     entry_point: str | None = None
     uid: int = -1
-    epoch: int = 0  # the dataset pass it belongs to (kept when it is requeued)
+    epoch: int = 0  # the source pass it belongs to (kept when it is requeued)
+    prompt_ids: tuple[int, ...] = ()
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -44,12 +54,17 @@ class Rollout:
     behaviour_logprobs_T: np.ndarray
     policy_version: int
     text: str
-    finish_reason: str
+    finish_reason: FinishReason
     sampler_rank: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.response_ids)
+
+    @property
+    def truncated(self) -> bool:
+        """Cut at ``sampler.max_new_tokens`` (or the context) before the model stopped."""
+        return self.finish_reason == "length"
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,7 @@ class TrainSample:
     domain: str
     correct: bool
     prompt_id: str
+    excluded: bool = False  # out of both loss terms (a truncated response under buffer.truncated=mask)
 
 
 @dataclass

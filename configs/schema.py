@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_CONFIG = Path(__file__).with_name("demo.yaml")
 
@@ -41,6 +41,9 @@ class RunSection(_Section):
     eval_every: int = Field(0, ge=0, description="Held-out greedy evaluation every N steps (0: only before and after).")
     resume: str | None = Field(None, description="Run directory to resume from (latest complete checkpoint).")
     call_timeout_s: float = Field(600, gt=0, description="Timeout for any remote call the driver waits on.")
+    eval_teachers: bool = Field(True, description="Measure the teachers' held-out accuracy (the bar) before "
+                                "training; cached per (teacher, held-out set), so a repeated run pays it once.")
+    eval_timeout_s: float = Field(1800, gt=0, description="Timeout of one held-out evaluation (batched vLLM).")
 
 
 # The domains each demo recipe of scripts/prepare_demo.py prepares (tests/test_configs.py
@@ -58,12 +61,74 @@ class DemoSection(_Section):
         "'code' (math + code graded in the sandbox, configs/demo_code.yaml).")
 
 
+class DataSource(_Section):
+    """One source of prompts: a file, folder or glob of JSONL/JSON/Parquet/Arrow files (or a hub dataset
+    name where the machine reaches one), loaded with Hugging Face ``datasets``, with its own column names."""
+
+    path: str = Field(description="A file, a folder (every .jsonl/.json/.parquet/.arrow file under it, sorted), a "
+                      "glob, or a hub dataset name (only where the machine can reach the hub).")
+    name: str | None = Field(None, description="Short name in errors and metrics (default: the path's last part).")
+    split: str = Field("train", description="Split to read (hub datasets; local files are one split).")
+    prompt_key: str = Field("prompt", description="Column with the prompt: a string or a list of chat messages.")
+    answer_key: str = Field("answer", description="Column with the reference answer (math / exact verifiers).")
+    id_key: str | None = Field(
+        "id", description="Column with a unique row id; when absent from the data (or null), ids are derived "
+        "stably from the row's prompt and answer.")
+    tests_key: str = Field("tests", description="Column with the tests (code verifier; HumanEval: `test`).")
+    entry_point_key: str = Field("entry_point", description="Column with the function under test (code verifier).")
+    domain: str | None = Field(None, description="The domain of every row of this source (or use `domain_key`).")
+    domain_key: str | None = Field(None, description="Column naming each row's domain (or use `domain`).")
+    weight: float = Field(1.0, gt=0, description="Mixing weight: a training prompt comes from this source with "
+                          "probability weight / Σ weights (each source cycles through its own shuffled epochs).")
+    system_prompt: str | None = Field(None, description="System message put first (unless a row has its own).")
+    prompt_template: str | None = Field(
+        None, description="Applied to the (last user) prompt text, with `{prompt}` standing for it, e.g. "
+        "'{prompt}\\nPut the final answer in \\boxed{}.'.")
+
+    @model_validator(mode="after")
+    def _one_domain_rule(self) -> DataSource:
+        if (self.domain is None) == (self.domain_key is None):
+            raise ValueError(f"source {self.path!r}: set exactly one of `domain` (one domain for every row) and "
+                             f"`domain_key` (a column naming each row's domain)")
+        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
+            raise ValueError(f"source {self.path!r}: `prompt_template` is {self.prompt_template!r}; it must contain "
+                             f"`{{prompt}}` where the prompt text goes")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path.rstrip("/*")).name or self.path
+
+
+def _sources(value: Any) -> Any:
+    """A bare path is one source in the canonical layout: columns id, domain, prompt, answer, tests, entry_point."""
+    if isinstance(value, str):
+        return [{"path": value, "domain_key": "domain"}]
+    return value
+
+
 class DataSection(_Section):
-    train: str = Field(description="Training prompts, JSONL or Parquet; one record per prompt.")
-    heldout: str | None = Field(None, description="Held-out prompts for greedy accuracy (before/after).")
+    train: Annotated[list[DataSource], BeforeValidator(_sources)] = Field(
+        description="Training sources, mixed by weight into one stream (a bare path: one source with canonical "
+        "columns id, domain, prompt, answer).", min_length=1)
+    heldout: Annotated[list[DataSource] | None, BeforeValidator(_sources)] = Field(
+        None, description="Held-out sources for greedy accuracy (before/after and every run.eval_every steps).")
     prompts_per_step: int = Field(16, ge=1, description="B: prompts per learner step (SPEC §2).")
     on_bad_row: Literal["fail", "skip"] = Field("fail", description="A malformed row stops the run or is skipped and counted.")
     heldout_limit: int = Field(0, ge=0, description="Evaluate at most this many held-out prompts per domain (0: all).")
+    chat_template: bool | None = Field(
+        None, description="Render prompts with the student tokenizer's chat template (null: when it has one; "
+        "false: raw text, for base models).")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra arguments of apply_chat_template, e.g. {enable_thinking: false} "
+        "for Qwen3.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest templated prompt in student tokens (null: sampler.max_model_len − "
+        "sampler.max_new_tokens, so every response fits).")
+    overlong_prompts: Literal["fail", "skip"] = Field(
+        "skip", description="A prompt longer than max_prompt_tokens stops the run (fail) or is dropped and counted.")
+    num_proc: int = Field(1, ge=1, description="Processes for formatting and tokenizing sources at load "
+                          "(datasets.map; the result is cached, so a repeated run pays nothing).")
 
 
 class MathVerifier(_Section):
@@ -91,12 +156,21 @@ class DomainConfig(_Section):
 
 
 class TeacherConfig(_Section):
+    """A teacher served by vLLM: scoring is a prefill with ``prompt_logprobs`` (SPEC §1, §6)."""
+
     path: str = Field(description="Hugging Face model directory of the teacher.")
-    replicas: int = Field(1, ge=1, description="Teacher actors serving this model (round-robin).")
+    replicas: int = Field(1, ge=1, description="Teacher actors (vLLM engines) serving this model (round-robin).")
     num_cpus: float = Field(0.5, gt=0, description="Ray CPUs per teacher actor.")
-    num_gpus: float = Field(0, ge=0, description="Ray GPUs per teacher actor.")
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    micro_batch_size: int = Field(64, ge=1, description="Responses per prefill forward pass.")
+    num_gpus: float = Field(0, ge=0, description="Ray GPUs per teacher actor (tensor_parallel_size on GPU nodes).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one teacher engine shards the model over.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int | None = Field(
+        None, ge=8, description="Longest prompt + response the engine scores (null: sampler.max_model_len).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of each GPU vLLM may take.")
+    kv_cache_gib: float = Field(1, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    enforce_eager: bool = Field(True, description="No CUDA graphs (prefill-only scoring gains little from them).")
+    micro_batch_size: int = Field(64, ge=1, description="Responses per scoring call into the engine (vLLM "
+                                  "schedules them by its own token budget).")
 
 
 class ModelConfig(_Section):
@@ -117,9 +191,14 @@ class SamplerConfig(_Section):
     n: int = Field(8, ge=1, description="Responses per prompt (the group size).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0 keeps behaviour log-probs unbiased).")
     top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(16, ge=1)
-    max_model_len: int = Field(64, ge=8)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_new_tokens: int = Field(16, ge=1, description="Longest response; one that reaches it is marked "
+                                "truncated (buffer.truncated decides what that does).")
+    max_model_len: int = Field(64, ge=8, description="Longest prompt + response the engine holds.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS of the tokenizer and "
+                            "generation config always stops).")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Extra stop token ids (e.g. <|im_end|> "
+                                      "for a chat model whose generation config lacks it).")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     kv_cache_gib: float = Field(1, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     num_cpus: float = Field(1, gt=0)
@@ -147,6 +226,14 @@ class BufferConfig(_Section):
     balance_ratio: float = Field(1.0, gt=0, description="r: keep correct : incorrect = r : 1 in mixed groups.")
     calibration: CalibrationConfig = CalibrationConfig()
     max_lag: int = Field(0, ge=0, description="η: off-policy lag bound (SPEC §2); 0 is synchronous on-policy.")
+    truncated: Literal["keep", "mask", "incorrect"] = Field(
+        "mask", description="A response cut at sampler.max_new_tokens: `mask` leaves it out of balancing, "
+        "calibration and both loss terms (still counted in the SPEC §1 denominator), as long-reasoning recipes "
+        "do; `incorrect` grades it incorrect; `keep` treats it like any other.")
+    teacher_failure_window: int = Field(200, ge=1, description="Responses per teacher in the failure window.")
+    teacher_max_failed_frac: float = Field(
+        0.1, ge=0, le=1, description="The run stops, naming the teacher, when more than this fraction of its "
+        "last teacher_failure_window responses failed (a failure gives A_t = 0, SPEC §1).")
     num_cpus: float = Field(0.25, gt=0)
 
 
@@ -253,6 +340,21 @@ class RunConfig(_Section):
                 f"`sampler.max_new_tokens` ({self.sampler.max_new_tokens}) must be < `sampler.max_model_len` "
                 f"({self.sampler.max_model_len}); raise max_model_len or lower max_new_tokens"
             )
+        if self.data.max_prompt_tokens is not None and \
+                self.data.max_prompt_tokens + self.sampler.max_new_tokens > self.sampler.max_model_len:
+            raise ValueError(
+                f"`data.max_prompt_tokens` ({self.data.max_prompt_tokens}) + `sampler.max_new_tokens` "
+                f"({self.sampler.max_new_tokens}) exceeds `sampler.max_model_len` ({self.sampler.max_model_len}); "
+                f"lower one of the first two or raise max_model_len")
+        for name, t in self.teachers.items():
+            if t.max_model_len is not None and t.max_model_len < self.sampler.max_model_len:
+                raise ValueError(
+                    f"`teachers.{name}.max_model_len` ({t.max_model_len}) is below `sampler.max_model_len` "
+                    f"({self.sampler.max_model_len}): the teacher could not score the longest responses")
+        for src in [*self.data.train, *(self.data.heldout or [])]:
+            if src.domain is not None and src.domain not in self.domains:
+                raise ValueError(f"data source {src.path!r} has `domain` {src.domain!r}, which is not a key of "
+                                 f"`domains` (known: {sorted(self.domains)})")
         imp = self.learner.importance
         if imp.icepop_low >= imp.icepop_high:
             raise ValueError(
@@ -270,6 +372,10 @@ class RunConfig(_Section):
     @property
     def teacher_of_domain(self) -> dict[str, str]:
         return {d: c.teacher for d, c in self.domains.items()}
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.data.max_prompt_tokens or self.sampler.max_model_len - self.sampler.max_new_tokens
 
     @property
     def needs_topk(self) -> bool:
@@ -349,10 +455,14 @@ def check_paths(cfg: RunConfig) -> None:
     for name, t in cfg.teachers.items():
         if not Path(t.path, "config.json").is_file():
             problems.append(f"`teachers.{name}.path` is {t.path!r}: no config.json there; point it at a HF model dir")
+    from buffers.dataset import source_files  # datasets is imported only when paths are checked
+
     for key in ("train", "heldout"):
-        p = getattr(cfg.data, key)
-        if p is not None and not Path(p).is_file():
-            problems.append(f"`data.{key}` is {p!r}: no such file")
+        for i, src in enumerate(getattr(cfg.data, key) or []):
+            try:
+                source_files(src)
+            except FileNotFoundError as e:
+                problems.append(f"`data.{key}[{i}].path`: {e}")
     if problems:
         raise ConfigError("invalid paths:\n  - " + "\n  - ".join(problems))
 

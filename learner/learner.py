@@ -87,6 +87,7 @@ def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> dict[str, to
     has_teacher_B = torch.zeros(B)
     shift_B = torch.zeros(B)
     weight_B = torch.zeros(B)
+    excluded_B = torch.tensor([float(s.excluded) for s in samples])
     topk_ids = torch.zeros((B, T, top_k), dtype=torch.long) if top_k else None
     topk_lp = torch.zeros((B, T, top_k)) if top_k else None
     has_topk_B = torch.zeros(B)
@@ -112,7 +113,7 @@ def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> dict[str, to
             has_topk_B[i] = 1
     return dict(ids_BL=ids_BL, attn_BL=attn_BL, pos_BT=pos_BT, resp_BT=resp_BT, mask_BT=mask_BT,
                 behave_BT=behave_BT, teacher_BT=teacher_BT, has_teacher_B=has_teacher_B, shift_B=shift_B,
-                weight_B=weight_B, topk_ids_BTK=topk_ids, topk_lp_BTK=topk_lp, has_topk_B=has_topk_B)
+                weight_B=weight_B, excluded_B=excluded_B, topk_ids_BTK=topk_ids, topk_lp_BTK=topk_lp, has_topk_B=has_topk_B)
 
 
 class Learner:
@@ -206,11 +207,12 @@ class Learner:
                                          mask * b["has_topk_B"][:, None], kind=_DIST_KIND[o.dist_kind],
                                          beta=o.jsd_beta)
             dist_B = obj.per_response_mean(tok_BT, mask * b["has_topk_B"][:, None])
-            dist_w_B = obj.dist_term_weights(b["weight_B"], o.dist_on_masked)
+            dist_w_B = obj.dist_term_weights(b["weight_B"], o.dist_on_masked, b["excluded_B"])
             stats["dist_loss"] = float(obj.reduce_over_batch(dist_B.detach(), dist_w_B, n_total))
         # SPEC §1 reduction over the *global* batch; DeepSpeed averages gradients over W ranks, so ×W.
         loss = obj.combine_terms(pg_B, dist_B, b["weight_B"], n_total, pg_weight=o.pg_weight,
-                                 dist_weight=o.dist_weight, dist_on_masked=o.dist_on_masked) * self.W
+                                 dist_weight=o.dist_weight, dist_on_masked=o.dist_on_masked,
+                                 excluded_B=b["excluded_B"]) * self.W
         return loss, stats
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

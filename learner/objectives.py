@@ -282,9 +282,11 @@ def combine_terms(
     pg_weight: float,
     dist_weight: float,
     dist_on_masked: bool,
+    excluded_B: Tensor | None = None,
 ) -> Tensor:
     """The learner's loss: ``pg_weight`` × the SPEC §1 term + ``dist_weight`` × the SPEC §6 term,
-    each reduced by :func:`reduce_over_batch`.
+    each reduced by :func:`reduce_over_batch`. ``excluded_B`` = 1 removes a response from both
+    terms whatever ``dist_on_masked`` says (a truncated response under ``buffer.truncated=mask``).
 
     The §3.2/§4 masks (``response_weight_B`` = 0) always remove a response from the §1 term; with
     ``dist_on_masked`` the distribution term still covers it (a per-token supervision, not a
@@ -292,14 +294,15 @@ def combine_terms(
     """
     loss = pg_weight * reduce_over_batch(pg_B, response_weight_B, n_responses_total)
     if dist_B is not None:
-        loss = loss + dist_weight * reduce_over_batch(dist_B, dist_term_weights(response_weight_B, dist_on_masked),
-                                                      n_responses_total)
+        loss = loss + dist_weight * reduce_over_batch(
+            dist_B, dist_term_weights(response_weight_B, dist_on_masked, excluded_B), n_responses_total)
     return loss
 
 
-def dist_term_weights(response_weight_B: Tensor, dist_on_masked: bool) -> Tensor:
+def dist_term_weights(response_weight_B: Tensor, dist_on_masked: bool, excluded_B: Tensor | None = None) -> Tensor:
     """The per-response weights of the distribution term (see :func:`combine_terms`)."""
-    return torch.ones_like(response_weight_B) if dist_on_masked else response_weight_B
+    w = torch.ones_like(response_weight_B) if dist_on_masked else response_weight_B
+    return w if excluded_B is None else w * (1 - excluded_B)
 
 
 # ---------------------------------------------------------------------------

@@ -74,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     from actors.sampler import Sampler
     from actors.verifier import Verifier
     from buffers.balance import rebalance_by_difficulty
-    from buffers.dataset import load_prompts
+    from actors.pipeline import load_data
+    from buffers.dataset import as_prompts
 
-    verifier_of_domain = {d: c.verifier.type for d, c in cfg.domains.items()}
-    prompts = load_prompts(cfg.data.train, verifier_of_domain, cfg.data.on_bad_row).prompts
+    # every training source, rendered as the run renders it (chat template, system prompt, template)
+    prompts = as_prompts(load_data(cfg).train)
     if args.limit:
         prompts = prompts[: args.limit]
     out = Path(args.out) if args.out else cfg.run_dir / "offline_balance"
@@ -120,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             p = by_id[pid]
             j = copies[pid]
             copies[pid] += 1
-            row = {k: v for k, v in vars(p).items() if k != "uid" and v is not None}
+            # canonical columns (id, domain, prompt, answer, tests, entry_point): load it with
+            # `data.train=<file>` and the same data settings as the original sources
+            row = {k: v for k, v in vars(p).items() if k not in ("uid", "epoch", "prompt_ids", "source")
+                   and v is not None}
             row["id"] = pid if j == 0 else f"{pid}#dup{j}"
             f.write(json.dumps(row) + "\n")
             after[p.domain].append(rates[pid])

@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from buffers.dataset import load_prompts
+    from actors.pipeline import load_data
+    from buffers.dataset import as_prompts
     from configs.schema import check_paths, load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare(cfg.demo.cache_dir, recipe=cfg.demo.recipe)
     check_paths(cfg)
-    prompts = load_prompts(cfg.data.train, {d: c.verifier.type for d, c in cfg.domains.items()}).prompts
+    prompts = as_prompts(load_data(cfg).train)
     ray.init(address=cfg.run.ray_address) if cfg.run.ray_address else ray.init(
         num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False)
     modes: dict[str, dict[str, float]] = {}

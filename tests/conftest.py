@@ -20,11 +20,22 @@ def tiny_demo(tmp_path_factory) -> Path:
     return out / "demo"
 
 
+def demo_sources(demo: Path, split: str = "train", config: Path = REPO / "configs" / "demo.yaml") -> str:
+    """The demo config's ``data.<split>`` sources with their paths moved into ``demo``, as a YAML
+    override value (the tests run the shipped column maps on the fast-prepared data)."""
+    import yaml
+
+    tree = yaml.safe_load(config.read_text())
+    cache = tree["demo"]["cache_dir"].rstrip("/")
+    srcs = [{**s, "path": s["path"].replace(cache, str(demo), 1)} for s in tree["data"][split]]
+    return yaml.safe_dump(srcs, default_flow_style=True, width=10**6).strip()
+
+
 def demo_overrides(demo: Path, **extra) -> list[str]:
     o = {
         "demo.prepare": "false",
-        "data.train": str(demo / "train.jsonl"),
-        "data.heldout": str(demo / "heldout.jsonl"),
+        "data.train": demo_sources(demo, "train"),
+        "data.heldout": demo_sources(demo, "heldout"),
         "student.path": str(demo / "student"),
         "teachers.math_teacher.path": str(demo / "teacher_math"),
         "teachers.reverse_teacher.path": str(demo / "teacher_reverse"),

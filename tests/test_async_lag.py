@@ -15,15 +15,14 @@ def test_lag_never_exceeds_max_lag_under_random_delays(max_lag, tiny_demo, ray_c
 
     from actors.pipeline import Pipeline
     from actors.placement import spawn_actors
-    from buffers.dataset import load_prompts
+    from actors.pipeline import load_data
     from configs.schema import load_config
 
     cfg = load_config(None, demo_overrides(tiny_demo, **{
         "run.output_dir": tmp_path, "buffer.max_lag": max_lag, "sampler.num_samplers": 2,
         "sampler.num_cpus": 0.5, "sampler.chunk_prompts": 1, "chaos.sampler_delay_s": 0.3,
         "chaos.teacher_delay_s": 0.3}))
-    prompts = load_prompts(cfg.data.train, {"math": "math", "reverse": "exact"}).prompts
-    actors = spawn_actors(cfg, prompts)
+    actors = spawn_actors(cfg, load_data(cfg).train)
     try:
         pipe = Pipeline(cfg, actors)
         pipe.start()

@@ -15,14 +15,13 @@ pytestmark = pytest.mark.slow
 def pipeline(tiny_demo, ray_cluster, tmp_path_factory):
     from actors.pipeline import Pipeline
     from actors.placement import spawn_actors
-    from buffers.dataset import load_prompts
+    from actors.pipeline import load_data
     from configs.schema import load_config
 
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config(None, demo_overrides(tiny_demo, **{"run.output_dir": out, "sampler.num_samplers": 2,
                                                           "sampler.num_cpus": 0.5, "learner.objective.top_k": 8}))
-    prompts = load_prompts(cfg.data.train, {"math": "math", "reverse": "exact"}).prompts
-    actors = spawn_actors(cfg, prompts)
+    actors = spawn_actors(cfg, load_data(cfg).train)
     pipe = Pipeline(cfg, actors)
     pipe.start()
     yield pipe

@@ -24,8 +24,13 @@ TERMINAL = {"trained", "dropped_stale"}
 
 @pytest.fixture(scope="module")
 def small_train(tiny_demo, tmp_path_factory) -> Path:
-    """32 prompts: 8 steps × 4 prompts is exactly one epoch."""
-    rows = [json.loads(x) for x in (tiny_demo / "train.jsonl").read_text().splitlines()[:32]]
+    """32 prompts: 8 steps × 4 prompts is exactly one epoch. One source in the canonical layout
+    (id, domain, prompt, answer), made from the demo's DeepMath-style math rows."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted((tiny_demo / "data" / "train" / "math").glob("*.parquet"))[0]).to_pylist()[:32]
+    rows = [{"id": f"m{i}", "domain": "math", "prompt": r["question"], "answer": r["final_answer"]}
+            for i, r in enumerate(table)]
     p = tmp_path_factory.mktemp("data") / "train32.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p
@@ -45,15 +50,14 @@ def test_killed_sampler_and_teacher_lose_no_prompt(tiny_demo, small_train, ray_c
 
     from actors.pipeline import Pipeline
     from actors.placement import spawn_actors
-    from buffers.dataset import load_prompts
+    from actors.pipeline import load_data
     from configs.schema import load_config
 
     cfg = load_config(None, demo_overrides(tiny_demo, **{
         "data.train": small_train, "run.output_dir": tmp_path, "buffer.max_lag": 1, "sampler.num_samplers": 2,
         "sampler.num_cpus": 0.5, "sampler.chunk_prompts": 1, "weight_sync.timeout_s": 20,
         "chaos.sampler_delay_s": 0.2}))
-    prompts = load_prompts(cfg.data.train, {"math": "math", "reverse": "exact"}).prompts
-    actors = spawn_actors(cfg, prompts)
+    actors = spawn_actors(cfg, load_data(cfg).train)
     try:
         pipe = Pipeline(cfg, actors)
         pipe.start()
@@ -68,7 +72,7 @@ def test_killed_sampler_and_teacher_lose_no_prompt(tiny_demo, small_train, ray_c
         assert pipe.faults >= 2
         accounting = ray.get(actors.buffer.get_accounting.remote())
         assert any(o == "requeued" for *_, o in accounting)
-        _check_epoch_accounted_once(accounting, {p.id for p in prompts})
+        _check_epoch_accounted_once(accounting, {json.loads(x)["id"] for x in small_train.read_text().splitlines()})
         # the restarted sampler holds the learner's current weights
         assert ray.get([s.get_version.remote() for s in actors.samplers]) == [pipe.version] * 2
     finally:

@@ -1,7 +1,8 @@
 """Math answer verifier: the last ``\\boxed{...}`` of a response against a reference answer.
 
 Owns the grading rule for the ``math`` domain (shared by the demo data preparation and
-the verifier actor): extract the content of the *last* ``\\boxed{...}`` (brace-matched,
+the verifier actor): look only at the answer part of a thinking model's response (after
+``</think>`` when present), extract the content of the *last* ``\\boxed{...}`` (brace-matched,
 so ``\\boxed{\\frac{1}{2}}`` works), then compare it with the reference answer with
 ``math_verify`` (``verify(parse(gold), parse(pred))``), falling back to exact string
 equality when ``math_verify`` cannot parse either side.
@@ -67,10 +68,26 @@ def answers_match(pred: str, gold: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
 
 
+THINK_END = "</think>"
+
+
+def answer_part(response: str) -> str | None:
+    """What a thinking model answers: the text after its last ``</think>``; a response that opened a
+    ``<think>`` block and never closed it has no answer yet (None); anything else is all answer."""
+    if THINK_END in response:
+        return response.rsplit(THINK_END, 1)[1]
+    if "<think>" in response:
+        return None
+    return response
+
+
 def grade(response: str, row: Mapping[str, Any]) -> tuple[bool, str]:
-    """Grade ``response`` against ``row["answer"]``; return (correct, reason)."""
+    """Grade the answer part of ``response`` (after ``</think>``) against ``row["answer"]``."""
     gold = str(row["answer"])
-    boxed = extract_last_boxed(response)
+    answer = answer_part(response)
+    if answer is None:
+        return False, "the response never closed its <think> block"
+    boxed = extract_last_boxed(answer)
     if boxed is None:
         return False, "no complete \\boxed{...} in response"
     if answers_match(boxed, gold):
