@@ -97,7 +97,10 @@ class DataSource(_Section):
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.path.rstrip("/*")).name or self.path
+        """``name``, else the last folder or file of the path before any glob part."""
+        parts = Path(self.path).parts
+        plain = [p for p in parts[: next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))]]
+        return self.name or (Path(*plain).name if plain else self.path)
 
 
 def _sources(value: Any) -> Any:
@@ -347,6 +350,9 @@ class RunConfig(_Section):
                 f"({self.sampler.max_new_tokens}) exceeds `sampler.max_model_len` ({self.sampler.max_model_len}); "
                 f"lower one of the first two or raise max_model_len")
         for name, t in self.teachers.items():
+            if t.num_gpus > 0 and t.num_gpus != t.tensor_parallel_size:
+                raise ValueError(f"`teachers.{name}.num_gpus` ({t.num_gpus:g}) must equal its `tensor_parallel_size` "
+                                 f"({t.tensor_parallel_size}) on GPU nodes: one engine holds one GPU per shard")
             if t.max_model_len is not None and t.max_model_len < self.sampler.max_model_len:
                 raise ValueError(
                     f"`teachers.{name}.max_model_len` ({t.max_model_len}) is below `sampler.max_model_len` "
@@ -447,8 +453,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(_format_error(e, str(path))) from None
 
 
-def check_paths(cfg: RunConfig) -> None:
-    """Model and data paths exist (after the demo preparation, which may create them)."""
+def check_paths(cfg: RunConfig, only_existing: bool = False) -> list[str]:
+    """Model and data paths exist (after the demo preparation, which may create them). With
+    ``only_existing`` (``--dry-run`` on a machine that lacks the cluster's storage) a missing path is
+    returned as a note instead of an error; paths that do exist are still checked."""
     problems = []
     if not Path(cfg.student.path, "config.json").is_file():
         problems.append(f"`student.path` is {cfg.student.path!r}: no config.json there; point it at a HF model dir")
@@ -463,8 +471,11 @@ def check_paths(cfg: RunConfig) -> None:
                 source_files(src)
             except FileNotFoundError as e:
                 problems.append(f"`data.{key}[{i}].path`: {e}")
+    if only_existing:
+        return problems
     if problems:
         raise ConfigError("invalid paths:\n  - " + "\n  - ".join(problems))
+    return []
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -44,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     from actors.pipeline import describe_plan, run
 
     if args.dry_run:
+        from configs.schema import check_paths
+
         print(describe_plan(cfg))
+        if not cfg.demo.prepare:  # the demo builds its paths on first use
+            missing = check_paths(cfg, only_existing=True)
+            for m in missing:
+                print(f"not found on this machine (checked again at launch): {m}")
+            if not missing:
+                print("paths: every model and data path exists")
         return 0
     if cfg.demo.prepare:
         from scripts.prepare_demo import prepare

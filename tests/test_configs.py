@@ -117,3 +117,23 @@ def test_dry_run_with_bad_config_exits_nonzero_before_any_actor():
 
 
 # -- datasets ---------------------------------------------------------------------------------
+
+
+def test_qwen3_user_config_dry_run_passes_and_names_missing_paths():
+    """The README's "Your own models and data" config: valid, planned on 8 GPUs; the cluster's paths
+    do not exist here and are reported, not fatal, in a dry run."""
+    out = subprocess.run([sys.executable, "scripts/train.py", "configs/qwen3_math_code.yaml", "--dry-run"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "total                  cpus=16.5 gpus=8" in out.stdout
+    assert "train   deepmath" in out.stdout and "train   code" in out.stdout
+    assert "not found on this machine (checked again at launch): `student.path`" in out.stdout
+    cfg = load_config(REPO / "configs" / "qwen3_math_code.yaml")
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": True} and cfg.buffer.truncated == "mask"
+    assert cfg.max_prompt_tokens + cfg.sampler.max_new_tokens <= cfg.sampler.max_model_len
+
+
+def test_teacher_gpus_must_match_tensor_parallel_size():
+    with pytest.raises(ConfigError, match=r"`teachers.math_teacher.num_gpus` \(1\) must equal its "
+                                          r"`tensor_parallel_size` \(2\)"):
+        load_config(REPO / "configs" / "qwen3_math_code.yaml", ["teachers.math_teacher.num_gpus=1"])
