@@ -26,10 +26,12 @@ import glob
 import hashlib
 import json
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow.compute as pc
 
 from buffers.formatting import PromptFormat, PromptFormatError, encode, user_text
 from buffers.records import Prompt
@@ -219,19 +221,20 @@ def load_source(src: DataSource, fmt: PromptFormat, tokenizer, verifier_of_domai
                        fn_kwargs={"spec": spec, "tokenizer": tokenizer, "where": where},
                        num_proc=num_proc if num_proc > 1 and len(raw) > 10_000 else None,
                        desc=f"formatting {src.label}")
-        errors = [e for e in conv["_error"] if e is not None]
-        if errors:
+        # column scans in Arrow (a 1M-row source: no Python list of rows)
+        errors = pc.drop_null(_column(conv, "_error"))
+        if len(errors):
             if on_bad_row == "fail":
-                raise DatasetError(f"{errors[0]}\n({len(errors)} bad rows in {where}; fix them or set "
+                raise DatasetError(f"{errors[0].as_py()}\n({len(errors)} bad rows in {where}; fix them or set "
                                    f"`data.on_bad_row: skip` to drop and count them)")
-            for e in errors[:5]:
+            for e in errors[:5].to_pylist():
                 log.warning("skipping bad row: %s", e)
             skipped += len(errors)
-            conv = conv.filter(lambda e: e is None, input_columns="_error")
-        n_long = sum(conv["_overlong"])
+            conv = conv.filter(lambda e: [x is None for x in e], input_columns="_error", batched=True)
+        n_long = pc.sum(_column(conv, "_overlong")).as_py() or 0
         if n_long:
             if overlong_prompts == "fail":
-                i = conv["_overlong"].index(True)
+                i = pc.index(_column(conv, "_overlong"), True).as_py()
                 raise DatasetError(f"source {src.label!r}, {where}: {n_long} prompts are longer than "
                                    f"{max_prompt_tokens} tokens after templating (first: id {conv[i]['id']!r}, "
                                    f"{len(conv[i]['prompt_ids'])} tokens); raise `data.max_prompt_tokens` / "
@@ -239,7 +242,7 @@ def load_source(src: DataSource, fmt: PromptFormat, tokenizer, verifier_of_domai
             log.warning("source %r, %s: %d prompts longer than %d tokens skipped", src.label, where, n_long,
                         max_prompt_tokens)
             overlong += n_long
-            conv = conv.filter(lambda o: not o, input_columns="_overlong")
+            conv = conv.filter(lambda o: [not x for x in o], input_columns="_overlong", batched=True)
         parts.append(conv.remove_columns(["_error", "_overlong"]))
     table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(table) == 0:
@@ -248,11 +251,21 @@ def load_source(src: DataSource, fmt: PromptFormat, tokenizer, verifier_of_domai
     return LoadedSource(src, table, skipped, overlong)
 
 
+def _column(table, name: str):
+    """One column as Arrow (honouring a filter's indices), without turning rows into Python objects."""
+    return table.with_format("arrow")[name]
+
+
+def _repeated(ids) -> list[str]:
+    counts = pc.value_counts(ids)
+    return counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist()
+
+
 def _unique_ids(table, src: DataSource, has_id: bool):
-    ids = table["id"]
-    dup = [k for k, c in Counter(ids).items() if c > 1]
+    dup = _repeated(_column(table, "id"))
     if not dup:
         return table
+    ids = table["id"]
     if has_id:
         raise DatasetError(f"source {src.label!r}: id {dup[0]!r} (column `{src.id_key}`) repeats; ids must be "
                            f"unique (or set `id_key: null` to derive them from each row)")
@@ -272,12 +285,15 @@ def row_prompt(row: dict, source: str) -> Prompt:
 
 def source_ids_unique_across(sources: list[LoadedSource]) -> None:
     """Ids key accounting and resume: two sources may not share one (prefix one with its name)."""
-    owner: dict[str, str] = {}
-    for s in sources:
-        for i in s.table["id"]:
-            if owner.setdefault(i, s.source.label) != s.source.label:
-                raise DatasetError(f"id {i!r} appears in sources {owner[i]!r} and {s.source.label!r}; ids must be "
-                                   f"unique across sources (rename one, or derive ids with `id_key: null`)")
+    if len(sources) < 2:
+        return
+    import pyarrow as pa
+
+    dup = _repeated(pa.chunked_array([c for s in sources for c in _column(s.table, "id").chunks]))
+    if dup:
+        owners = [s.source.label for s in sources if pc.any(pc.equal(_column(s.table, "id"), dup[0])).as_py()]
+        raise DatasetError(f"id {dup[0]!r} appears in sources {owners}; ids must be unique across sources "
+                           f"(rename one, or derive ids with `id_key: null`)")
 
 
 def prompt_format(cfg: RunConfig, src: DataSource, chat_template: bool) -> PromptFormat:
