@@ -170,7 +170,7 @@ class TeacherConfig(_Section):
     max_model_len: int | None = Field(
         None, ge=8, description="Longest prompt + response the engine scores (null: sampler.max_model_len).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of each GPU vLLM may take.")
-    kv_cache_gib: float = Field(1, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    kv_cache_gib: int = Field(1, ge=1, description="KV cache of the engine on CPU, whole GiB (VLLM_CPU_KVCACHE_SPACE; vLLM reads an integer).")
     enforce_eager: bool = Field(True, description="No CUDA graphs (prefill-only scoring gains little from them).")
     micro_batch_size: int = Field(64, ge=1, description="Responses per scoring call into the engine (vLLM "
                                   "schedules them by its own token budget).")
@@ -202,7 +202,7 @@ class SamplerConfig(_Section):
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra stop token ids (e.g. <|im_end|> "
                                       "for a chat model whose generation config lacks it).")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    kv_cache_gib: float = Field(1, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    kv_cache_gib: int = Field(1, ge=1, description="KV cache of the engine on CPU, whole GiB (VLLM_CPU_KVCACHE_SPACE; vLLM reads an integer).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
