@@ -267,24 +267,65 @@ class ImportanceConfig(_Section):
 
 
 class LearnerConfig(_Section):
+    """The DeepSpeed learner (learner/learner.py): data parallelism, precision and memory, the optimizer,
+    the loss (SPEC §1, §2, §6) and checkpoints. Memory scales with ``max_tokens_per_micro_batch``
+    (activations) and ``logit_chunk_tokens`` (one chunk of logits, ≈ chunk × vocabulary × 4 bytes),
+    not with sequence length × vocabulary."""
+
     world_size: int = Field(1, ge=1, description="W: data-parallel learner ranks (Ray actors).")
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    lr: float = Field(3e-4, gt=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    micro_batch_size: int = Field(64, ge=1, description="Responses per forward/backward chunk.")
-    bf16: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0, description="DeepSpeed ZeRO stage: 0 replicates everything, 1 partitions the optimizer state over the W "
+        "ranks, 2 also the gradients, 3 also the weights (gathered layer by layer in the forward pass).")
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: keep the optimizer state (fp32 master weights, Adam moments) in CPU memory "
+        "and step it there with DeepSpeed's CPU Adam. Needs zero_stage ≥ 1.")
+    bf16: bool = Field(
+        False, description="Weights and activations in bf16; DeepSpeed keeps fp32 master weights in its optimizer "
+        "wrapper (every ZeRO stage). Log-softmax and the loss run in fp32 either way.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward pass (Hugging Face "
+        "gradient checkpointing): activation memory ≈ one layer's instead of all layers', for ~30% more compute.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = \
+        Field(None, description="Attention kernel passed to transformers' from_pretrained (null: transformers' "
+              "default, sdpa where available). `eager` materialises B × heads × L × L scores: avoid it for long "
+              "sequences.")
+    max_tokens_per_micro_batch: int = Field(
+        16384, ge=1, description="Token budget of one forward/backward: responses are sorted by length and packed into "
+        "micro-batches whose padded size (responses × longest prompt+response) stays within it; a longer response "
+        "gets a micro-batch of its own. Every rank runs the same number of micro-batches per step.")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Optional cap on responses per micro-batch, on top of the token budget (null: no cap). "
+        "Kept so configs written when micro-batches were counted in responses still load; prefer "
+        "max_tokens_per_micro_batch.")
+    logit_chunk_tokens: int = Field(
+        1024, ge=1, description="Response positions per lm_head chunk: the log-softmax over the vocabulary is taken "
+        "for this many positions at a time and recomputed in the backward pass, so at most chunk × vocabulary "
+        "logits exist (1024 × 151,936 × 4 B = 0.6 GB for Qwen3).")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="After warm-up: constant, or cosine / linear decay to min_lr_ratio × lr at the "
+        "last step.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from lr / warmup_steps to lr.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate of a decaying schedule, as a "
+                                "fraction of lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     objective: ObjectiveConfig = ObjectiveConfig()
     importance: ImportanceConfig = ImportanceConfig()
-    num_cpus: float = Field(1, gt=0)
-    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, gt=0, description="CPUs per learner rank (Ray resources; also torch threads on CPU).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per learner rank (0: train on CPU).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every K steps (0: only at the end of the run).")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept (older ones are deleted).")
     skip_nonfinite: bool = Field(True, description="A NaN/inf loss or gradient skips the step (weights kept) "
                                  "instead of stopping the run.")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> LearnerConfig:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("`learner.offload_optimizer` is true but `learner.zero_stage` is 0; ZeRO-Offload "
+                             "moves the optimizer state of a ZeRO partition to the CPU: set learner.zero_stage to "
+                             "1, 2 or 3, or learner.offload_optimizer=false")
+        return self
 
 
 class WeightSyncConfig(_Section):

@@ -1,7 +1,10 @@
 """The learner actor: DeepSpeed training of the student and the weight broadcast.
 
 W learner actors form one DeepSpeed data-parallel group (gloo on CPU, NCCL on
-GPUs); each trains on its shard ``samples[rank::W]`` of every ``TrainBatch``.
+GPUs). Every rank sees the whole ``TrainBatch`` and computes the same plan from it
+(``plan_micro_batches``): its shard, cut into micro-batches of at most
+``learner.max_tokens_per_micro_batch`` tokens, and one micro-batch count shared by
+all ranks (DeepSpeed needs the same number of backward passes everywhere).
 One optimizer step per batch, so π_S,old (SPEC §1) is the current parameters: the
 same forward pass gives log πθ and, detached, log π_S,old — the learner's own
 recomputation, never the sampler's number. The sampler's log-probs enter only as
@@ -11,6 +14,10 @@ Loss (learner/objectives.py): ``pg_weight`` × SPEC §1 clipped policy gradient 
 the calibrated advantages + ``dist_weight`` × a SPEC §6 top-k distribution term,
 reduced as SPEC §1 says (per response mean, summed, divided by every response of
 the global batch, masked ones included).
+
+Memory: the student's log-probs are taken at response positions only, through the
+chunked lm_head of learner/logprobs.py, so no micro-batch × sequence × vocabulary
+tensor exists; activations scale with the token budget.
 
 Rank 0 also owns the learner end of the weight-sync group (learner/weight_sync.py).
 """
@@ -32,6 +39,7 @@ import torch
 from buffers.records import TrainBatch, TrainSample
 from configs.schema import LearnerConfig, WeightSyncConfig
 from learner import objectives as obj
+from learner.logprobs import ResponseLogprobModel
 from learner.weight_sync import ParamSpec, WeightSyncGroup, plan_buckets
 
 log = logging.getLogger(__name__)
@@ -116,14 +124,72 @@ def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> dict[str, to
                 weight_B=weight_B, excluded_B=excluded_B, topk_ids_BTK=topk_ids, topk_lp_BTK=topk_lp, has_topk_B=has_topk_B)
 
 
+def plan_micro_batches(lengths: list[int], world_size: int, max_tokens: int,
+                       max_responses: int | None = None) -> list[list[list[int]]]:
+    """``plan[r][m]``: the indices (into the batch) of rank r's m-th micro-batch of this step.
+
+    Every rank computes this from the whole batch, so the ranks agree without a collective, and
+    every rank gets the same number of micro-batches (empty ones pad the shorter plans): DeepSpeed
+    needs the same number of backward passes per step on every rank (ZeRO-2/3 communicate inside
+    each one; ZeRO-3 inside each forward too).
+
+    Sharding: longest first, each response to the rank with the fewest tokens so far (ties: the
+    lower rank), so the ranks get similar work. Bucketing: each rank's responses, longest first,
+    cut greedily into micro-batches whose padded size (count × longest prompt+response) fits
+    ``max_tokens`` and that hold at most ``max_responses``; a response longer than the budget
+    gets a micro-batch of its own.
+
+    Why length-sorted buckets rather than padding-free packing: packing several responses into one
+    row needs an attention kernel that honours sequence boundaries inside the row (flash-attention
+    varlen through position ids); sdpa and eager, which CPUs and many GPU setups run, would attend
+    across responses or need an L × L block mask. Buckets work with every kernel and give each
+    response exactly the computation it gets alone; sorting keeps the padding small (neighbours
+    have similar lengths; the step metric ``pad_frac`` shows what is left).
+    """
+    if max_tokens < 1 or world_size < 1:
+        raise ValueError(f"max_tokens={max_tokens}, world_size={world_size}: both must be ≥ 1")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for i in order:  # `order` is longest first, so each shard stays sorted longest first
+        r = min(range(world_size), key=lambda q: (load[q], q))
+        shards[r].append(i)
+        load[r] += lengths[i]
+    plan: list[list[list[int]]] = []
+    for shard in shards:
+        mbs: list[list[int]] = []
+        for i in shard:
+            cur = mbs[-1] if mbs else None
+            if cur is not None and (len(cur) + 1) * max(1, lengths[cur[0]]) <= max_tokens and \
+                    (max_responses is None or len(cur) < max_responses):
+                cur.append(i)
+            else:
+                mbs.append([i])
+        plan.append(mbs)
+    n_mb = max(1, max(len(mbs) for mbs in plan))
+    return [mbs + [[] for _ in range(n_mb - len(mbs))] for mbs in plan]
+
+
+def response_positions(b: dict[str, torch.Tensor], top_k: int) -> tuple[torch.Tensor, ...]:
+    """Where the loss reads the student: ``rows_N, cols_N`` (a row of ``ids_BL`` and the position whose
+    output predicts the token), ``t_N`` (the token's index in the response) and ``ids_NJ``: the sampled
+    token, then the teacher's top-k ids (id 0 where a response has none), for every real response token."""
+    rows, t = (b["mask_BT"] > 0).nonzero(as_tuple=True)
+    cols = b["pos_BT"][rows, t]
+    ids = [b["resp_BT"][rows, t, None]]
+    if top_k:
+        has_BT = (b["has_topk_B"][:, None] * b["mask_BT"]) > 0
+        ids.append(torch.where(has_BT[..., None], b["topk_ids_BTK"], 0)[rows, t])
+    return rows, cols, t, torch.cat(ids, dim=-1)
+
+
 class Learner:
     def __init__(self, model_path: str, cfg: LearnerConfig, *, rank: int, world_size: int, seed: int,
                  total_steps: int, max_responses_per_step: int) -> None:
+        # max_responses_per_step sized the old fixed response-count accumulation; the token-budget
+        # plan is made per step (plan_micro_batches). Kept in the signature for the driver.
         self.model_path, self.cfg, self.rank, self.W = model_path, cfg, rank, world_size
         self.seed, self.total_steps = seed, total_steps
-        per_rank = math.ceil(max_responses_per_step / world_size)
-        # A fixed number of micro-batches per step keeps DeepSpeed's accumulation boundary fixed.
-        self.grad_acc = max(1, math.ceil(per_rank / cfg.micro_batch_size))
         self.engine = None
         self.version = 0
         self.steps_done = 0
@@ -148,44 +214,77 @@ class Learner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(self.seed)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        policy = self.build_policy(AutoModelForCausalLM, self.model_path, self.cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if self.cfg.offload_optimizer:  # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised Adam, not torch's
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(policy.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(policy.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg, self.total_steps))
+        zero: dict = {"stage": self.cfg.zero_stage}
+        if self.cfg.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
         ds_config = {
+            # The number of micro-batches changes from step to step (token budget): train_step marks the
+            # accumulation boundary itself, so DeepSpeed's own count stays 1 and scales nothing.
             "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": self.grad_acc,
-            "train_batch_size": self.grad_acc * self.W,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": self.W,
             "gradient_clipping": self.cfg.grad_clip,
-            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "zero_optimization": zero,
             "bf16": {"enabled": self.cfg.bf16},
             "steps_per_print": 10**9,
         }
-        n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+        if self.cfg.zero_stage == 3:
+            # The chunked head reads lm_head.weight inside the wrapper's forward, not through
+            # lm_head's own: ZeRO-3 must gather it for the wrapper (forward and backward).
+            deepspeed.zero.register_external_parameter(policy, policy.head.weight)
+        n_params = sum(p.numel() for p in policy.parameters())  # before ZeRO-3 partitions them
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=True,
         )
         self.device = self.engine.device
         return n_params
 
-    # -- training -------------------------------------------------------------------------
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        dev = self.device
-        logits_BLV = self.engine(input_ids=batch["ids_BL"].to(dev), attention_mask=batch["attn_BL"].to(dev)).logits
-        V = logits_BLV.shape[-1]
-        pos = batch["pos_BT"].to(dev)
-        return logits_BLV.float().gather(1, pos[..., None].expand(-1, -1, V))
+    @staticmethod
+    def build_policy(auto_cls, model_path: str, cfg: LearnerConfig) -> ResponseLogprobModel:
+        """The student as DeepSpeed trains it: loaded in the training dtype with the configured attention
+        kernel, gradient checkpointing if asked, behind the chunked log-prob head."""
+        kw = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        model = auto_cls.from_pretrained(model_path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, **kw)
+        model.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return ResponseLogprobModel(model, chunk_tokens=cfg.logit_chunk_tokens)
 
-    def _chunk_loss(self, samples: list[TrainSample], n_total: int) -> tuple[torch.Tensor, dict[str, float]]:
+    # -- training -------------------------------------------------------------------------
+    def _logprobs(self, b: dict[str, torch.Tensor], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student log-probs at every real response token: ``(logp_BTJ, logp_NJ)``, J = 1 + top_k ids
+        (the sampled token, then the teacher's top-k); 0 at padded positions of ``logp_BTJ``."""
+        rows, cols, t, ids_NJ = response_positions(b, top_k)
+        logp_NJ = self.engine(input_ids_BL=b["ids_BL"], attention_mask_BL=b["attn_BL"], rows_N=rows, cols_N=cols,
+                              token_ids_NJ=ids_NJ)
+        B, T = b["mask_BT"].shape
+        logp_BTJ = logp_NJ.new_zeros((B, T, ids_NJ.shape[1])).index_put((rows, t), logp_NJ)
+        return logp_BTJ, logp_NJ
+
+    def _chunk_loss(self, samples: list[TrainSample], n_total: int
+                    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """One micro-batch's share of the step loss, its stats, and the model output it came from."""
         o = self.cfg.objective
         top_k = o.top_k if o.dist_weight > 0 else 0
         b = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
              for k, v in collate(samples, self.pad_id, top_k).items()}
-        logits_BTV = self._forward(b)
+        # collate caps top_k at what the teacher returned
+        top_k = b["topk_ids_BTK"].shape[-1] if b["topk_ids_BTK"] is not None else 0
+        logp_BTJ, out_NJ = self._logprobs(b, top_k)
         mask = b["mask_BT"]
-        logp = obj.gather_logprobs(logits_BTV, b["resp_BT"])
+        logp = logp_BTJ[..., 0]
         old = logp.detach()
         has_t = b["has_teacher_B"][:, None]
         # SPEC §1: A_t = log πT − log π_S,old (+ SPEC §4 shift); a failed teacher call gives A_t = 0.
@@ -203,52 +302,69 @@ class Learner:
                  "masked_token_frac": float(pg_stats.masked_token_frac)}
         dist_B = None
         if top_k:
-            tok_BT = obj.topk_divergence(logits_BTV, b["topk_ids_BTK"], b["topk_lp_BTK"],
-                                         mask * b["has_topk_B"][:, None], kind=_DIST_KIND[o.dist_kind],
-                                         beta=o.jsd_beta)
-            dist_B = obj.per_response_mean(tok_BT, mask * b["has_topk_B"][:, None])
+            dist_mask = mask * b["has_topk_B"][:, None]
+            tok_BT = obj.topk_divergence_from_logprobs(logp_BTJ[..., 1:], b["topk_lp_BTK"], dist_mask,
+                                                       kind=_DIST_KIND[o.dist_kind], beta=o.jsd_beta)
+            dist_B = obj.per_response_mean(tok_BT, dist_mask)
             dist_w_B = obj.dist_term_weights(b["weight_B"], o.dist_on_masked, b["excluded_B"])
             stats["dist_loss"] = float(obj.reduce_over_batch(dist_B.detach(), dist_w_B, n_total))
         # SPEC §1 reduction over the *global* batch; DeepSpeed averages gradients over W ranks, so ×W.
         loss = obj.combine_terms(pg_B, dist_B, b["weight_B"], n_total, pg_weight=o.pg_weight,
                                  dist_weight=o.dist_weight, dist_on_masked=o.dist_on_masked,
                                  excluded_B=b["excluded_B"]) * self.W
-        return loss, stats
+        return loss, stats, out_NJ
+
+    def _zero_loss(self, out_NJ: torch.Tensor | None = None) -> torch.Tensor:
+        """A loss of exactly 0 whose backward runs the same graph as a real micro-batch's (the same
+        parameters, the same order, hence the same ZeRO collectives on every rank). Without ``out_NJ``
+        (an empty micro-batch) it first runs the model on a one-token dummy response."""
+        if out_NJ is None:
+            dummy = TrainSample([self.pad_id], [self.pad_id], np.zeros(1, np.float32), None, None, None, 0.0, 0.0,
+                                0, "", False, "")
+            b = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+                 for k, v in collate([dummy], self.pad_id, 0).items()}
+            _, out_NJ = self._logprobs(b, 0)
+        # nan_to_num: a non-finite output contributes a 0 upstream gradient, not NaN·0 = NaN
+        return torch.nan_to_num(out_NJ, nan=0.0, posinf=0.0, neginf=0.0).sum() * 0.0
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on this rank's shard of ``batch``; returns metrics (rank-local)."""
+        """One optimizer step on this rank's share of ``batch``; returns metrics (rank-local)."""
         t0 = time.perf_counter()
         self.engine.train()
-        shard = batch.samples[self.rank :: self.W]
-        mb = self.cfg.micro_batch_size
-        chunks = [shard[i : i + mb] for i in range(0, len(shard), mb)]
-        if len(chunks) > self.grad_acc:
-            raise ValueError(f"batch of {len(shard)} responses per rank exceeds the planned "
-                             f"{self.grad_acc}×{mb}; raise learner.micro_batch_size")
-        chunks += [[]] * (self.grad_acc - len(chunks))
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in batch.samples]
+        plan = plan_micro_batches(lengths, self.W, self.cfg.max_tokens_per_micro_batch, self.cfg.micro_batch_size)
+        chunks = [[batch.samples[i] for i in mb] for mb in plan[self.rank]]
+        shard = [s for c in chunks for s in c]
         agg: dict[str, float] = {}
         loss_total = 0.0
         grad_norm = None
         nonfinite = False
         for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            self.engine.set_gradient_accumulation_boundary(last)  # the plan, not a fixed count, ends the step
             loss = None
             if chunk:
-                loss, stats = self._chunk_loss(chunk, batch.n_responses_total)
+                loss, stats, out_NJ = self._chunk_loss(chunk, batch.n_responses_total)
                 if not torch.isfinite(loss.detach()):
-                    nonfinite, loss = True, None  # never backward a NaN: the step is skipped below
+                    # never backward a NaN: back-propagate 0 through the same graph; the step is skipped below
+                    nonfinite, loss = True, self._zero_loss(out_NJ)
                 else:
                     for k, v in stats.items():
                         # loss terms are already divided by the global response count: they add up;
                         # rates (clip fraction, mismatch KL) are averaged by chunk size.
                         wgt = 1.0 if k in _ADDITIVE else len(chunk) / max(1, len(shard))
                         agg[k] = agg.get(k, 0.0) + v * wgt
-            if loss is None:  # keep the accumulation boundary fixed: a zero loss touching every parameter
-                loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
+            if loss is None:  # an empty micro-batch: this rank has less work, the backward count stays equal
+                loss = self._zero_loss()
             loss_total += float(loss.detach()) / self.W
             self.engine.backward(loss, scale_wrt_gas=False)
-            if i == len(chunks) - 1:
-                if self.cfg.zero_stage < 2:
-                    grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            if last:
+                # Only ZeRO-0 still holds full gradients in .grad here (ZeRO-1 moved them into its
+                # partitions at the boundary backward): its pre-clip norm is read now, so that a
+                # non-finite gradient skips the step.
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None] \
+                    if self.cfg.zero_stage == 0 else []
+                if grads:
                     grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
                                                                             for g in grads])))
                     nonfinite |= not math.isfinite(grad_norm)
@@ -256,7 +372,7 @@ class Learner:
                 if skip:
                     self._neutralise_step()
             self.engine.step()
-            if i == len(chunks) - 1 and skip:
+            if last and skip:
                 for g in self.optimizer.param_groups:  # the scheduler normally set lr already
                     saved = g.pop("_lr_before_skip", g["lr"])
                     if g["lr"] == 0.0:
@@ -266,9 +382,12 @@ class Learner:
         gn = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
         dt = time.perf_counter() - t0
         self.busy_s += dt
+        padded = sum(len(c) * max(lengths[j] for j in mb) for c, mb in zip(chunks, plan[self.rank]) if c)
         agg.update({"loss": float("nan") if skip else loss_total, "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": float(gn) if gn is not None else 0.0, "step_s": dt,
-                    "tokens": float(sum(len(s.response_ids) for s in shard)), "skipped_nonfinite": float(skip)})
+                    "tokens": float(sum(len(s.response_ids) for s in shard)), "skipped_nonfinite": float(skip),
+                    "micro_batches": float(len(chunks)),
+                    "pad_frac": 1.0 - sum(lengths[j] for mb in plan[self.rank] for j in mb) / max(1, padded)})
         if skip:
             log.warning("non-finite loss or gradient at step %d: step skipped, weights kept", self.steps_done)
         return agg
@@ -287,8 +406,8 @@ class Learner:
         return bool(flag.item() > 0)
 
     def _neutralise_step(self) -> None:
-        """Make the coming optimizer step a no-op on the weights: zero gradients (stage 0/1 hold
-        them in .grad; with ZeRO-2/3 no non-finite loss was backpropagated) and lr = 0 for this
+        """Make the coming optimizer step a no-op on the weights: zero gradients (stage 0 holds
+        them in .grad; with ZeRO-1/2/3 no non-finite loss was backpropagated) and lr = 0 for this
         step (AdamW's update and weight decay both scale with lr). Moment estimates decay by
         one step; the scheduler restores lr afterwards."""
         for p in self.engine.module.parameters():
@@ -300,11 +419,21 @@ class Learner:
 
     @torch.no_grad()
     def compute_logprobs(self, samples: list[TrainSample]) -> list[np.ndarray]:
-        """log πθ of each sample's response tokens (for checks against the samplers)."""
+        """log πθ of each sample's response tokens (for checks against the samplers), through the same
+        token-budget micro-batches and chunked head as training. Under ZeRO-3 every rank must call it
+        with the same samples (the forward gathers weights collectively)."""
         self.engine.eval()
-        b = collate(samples, self.pad_id, 0)
-        logp = obj.gather_logprobs(self._forward(b), b["resp_BT"].to(self.device)).cpu()
-        return [logp[i, : len(s.response_ids)].numpy() for i, s in enumerate(samples)]
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(samples)
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+        for mb in plan_micro_batches(lengths, 1, self.cfg.max_tokens_per_micro_batch, self.cfg.micro_batch_size)[0]:
+            if not mb:
+                continue
+            b = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+                 for k, v in collate([samples[i] for i in mb], self.pad_id, 0).items()}
+            logp = self._logprobs(b, 0)[0][..., 0].cpu()
+            for row, i in enumerate(mb):
+                out[i] = logp[row, : len(samples[i].response_ids)].numpy()
+        return out
 
     # -- weight sync ----------------------------------------------------------------------
     def weight_sync_address(self, master_addr: str) -> tuple[str, int]:
@@ -380,7 +509,7 @@ class Learner:
     def save_hf(self, out_dir: str) -> str:
         """Export the student in Hugging Face format (rank 0 writes)."""
         if self.rank == 0:
-            self.engine.module.save_pretrained(out_dir)
+            self.engine.module.causal_lm.save_pretrained(out_dir)
             self.tokenizer.save_pretrained(out_dir)
         return out_dir
 

@@ -10,7 +10,9 @@ What this module owns (SPEC.md references in brackets):
   or band-masked (ICE-POP), and the sampler↔learner mismatch KL  [§2];
 - per-token distribution divergences over the teacher's top-k plus one "tail"
   category (forward KL, reverse KL, generalised JSD) and the registry that lets
-  the config pick one  [§6].
+  the config pick one  [§6]; ``topk_divergence_from_logprobs`` takes the
+  student's top-k log-probs (what the learner's chunked head returns), the
+  logits forms gather them from full-vocabulary logits.
 
 Invariants kept by every function here:
 
@@ -49,6 +51,7 @@ __all__ = [
     "reduce_over_batch",
     "reverse_kl_topk",
     "topk_divergence",
+    "topk_divergence_from_logprobs",
 ]
 
 # exp() of a log-ratio beyond this overflows float32 long before it means
@@ -84,7 +87,9 @@ def gather_logprobs(logits_BTV: Tensor, token_ids_BT: Tensor) -> Tensor:
     """log softmax(logits)[token] for each position, in float32.
 
     Computed as ``logit[token] − logsumexp(logits)`` so no full B×T×V
-    log-softmax tensor is materialised.
+    log-softmax tensor is materialised. It still takes the B×T×V logits: the
+    learner uses the chunked form of learner/logprobs.py instead, which this
+    function is the reference for.
     """
     if logits_BTV.shape[:2] != token_ids_BT.shape:
         raise ValueError(
@@ -337,10 +342,33 @@ def topk_divergence(
     kind: DivergenceKind,
     beta: float = 0.5,
 ) -> Tensor:
+    """SPEC §6 per-token divergence from full-vocabulary student logits (see
+    :func:`topk_divergence_from_logprobs`, which this gathers the student's top-k log-probs for).
+
+    Needs the B×T×V logits: the form for small vocabularies and the reference the learner's
+    chunked path (learner/logprobs.py, no B×T×V tensor) is tested against.
+    Differentiable in ``student_logits_BTV``; the teacher side is constant.
+    """
+    real_BTK = (mask_BT.float() > 0).unsqueeze(-1)
+    # Padded slots may hold any ids: gather at a harmless one (0) so nothing reads out of range.
+    ids_BTK = torch.where(real_BTK, teacher_topk_ids_BTK.long(), 0)
+    s_topk_BTK = student_logits_BTV.gather(-1, ids_BTK).float() - _logsumexp_rows_BT(student_logits_BTV).unsqueeze(-1)
+    return topk_divergence_from_logprobs(s_topk_BTK, teacher_topk_logp_BTK, mask_BT, kind=kind, beta=beta)
+
+
+def topk_divergence_from_logprobs(
+    student_topk_logp_BTK: Tensor,
+    teacher_topk_logp_BTK: Tensor,
+    mask_BT: Tensor,
+    *,
+    kind: DivergenceKind,
+    beta: float = 0.5,
+) -> Tensor:
     """SPEC §6 per-token divergence between teacher and student over K+1 categories.
 
-    Categories: the teacher's K top tokens, plus one tail category holding the
-    rest of the mass (``1 − Σ_K p``, for teacher and student alike).
+    Inputs are both sides' log-probs of the teacher's K top tokens (the student's taken at the
+    teacher's ids). Categories: those K tokens, plus one tail category holding the rest of the
+    mass (``1 − Σ_K p``, for teacher and student alike).
 
     - ``forward_kl``: ``Σ p_T (log p_T − log p_S)`` = KL(T ‖ S);
     - ``reverse_kl``: ``Σ p_S (log p_S − log p_T)`` = KL(S ‖ T);
@@ -349,8 +377,8 @@ def topk_divergence(
       convention; the mixture formula itself tends to 0 at both ends, so the
       endpoints are special-cased).
 
-    Differentiable in ``student_logits_BTV``; the teacher side is constant.
-    Returns float32 ``per_token_BT``, 0 on padded positions.
+    Differentiable in ``student_topk_logp_BTK``; the teacher side is constant.
+    Returns float32 ``per_token_BT``, 0 (value and gradient) on padded positions.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"jsd beta is {beta}; it must lie in [0, 1] (0 = forward KL, 1 = reverse KL)")
@@ -358,16 +386,16 @@ def topk_divergence(
         raise ValueError(f"divergence kind is {kind!r}; it must be one of 'reverse_kl', 'forward_kl', 'jsd'")
     real_BT = mask_BT.float() > 0
     real_BTK = real_BT.unsqueeze(-1)
-    k = teacher_topk_ids_BTK.shape[-1]
+    k = teacher_topk_logp_BTK.shape[-1]
 
-    # Padded slots may hold any ids / numbers: replace them with harmless ones
-    # (id 0, uniform teacher) so neither forward nor backward sees inf/NaN there.
-    ids_BTK = torch.where(real_BTK, teacher_topk_ids_BTK.long(), torch.zeros_like(teacher_topk_ids_BTK, dtype=torch.long))
+    # Padded slots may hold any numbers: replace both sides with a uniform distribution there
+    # so neither forward nor backward sees inf/NaN.
     uniform_logp = -math.log(k + 1)
     t_topk_BTK = teacher_topk_logp_BTK.detach().float().clamp(min=_MIN_TEACHER_LOGP)
     t_topk_BTK = torch.where(real_BTK, t_topk_BTK, torch.full_like(t_topk_BTK, uniform_logp))
+    s_topk_BTK = student_topk_logp_BTK.float()
+    s_topk_BTK = torch.where(real_BTK, s_topk_BTK, torch.full_like(s_topk_BTK, uniform_logp))
 
-    s_topk_BTK = student_logits_BTV.gather(-1, ids_BTK).float() - _logsumexp_rows_BT(student_logits_BTV).unsqueeze(-1)
     t_BTC = torch.cat([t_topk_BTK, _tail_logp(t_topk_BTK).unsqueeze(-1)], dim=-1)  # C = K + 1
     s_BTC = torch.cat([s_topk_BTK, _tail_logp(s_topk_BTK).unsqueeze(-1)], dim=-1)
 

@@ -230,3 +230,13 @@ def test_buffer_checkpoint_restores_the_cursor(tmp_path):
     # the five admitted before the save were in flight: requeued first, then the same stream
     resumed = [p.id for p in again.admit(35)]
     assert sorted(resumed[:5]) == sorted(first) and resumed[5:] == nxt
+
+
+def test_hub_name_unreachable_offline_says_what_to_do(monkeypatch, tok):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    src = DataSource(path="someorg/deepmath-like", domain="math", prompt_key="question")
+    assert source_files(src) is None  # owner/name with no such local path: a hub dataset
+    with pytest.raises(DatasetError, match=r"cannot load hub dataset 'someorg/deepmath-like' split 'train'.*"
+                                           r"point `path` at the files"):
+        _load(src, tok)

@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 N = 16  # responses in the batch
-VOCAB = 46  # the fast demo's character tokenizer (checked in the fixture)
+VOCAB = 50  # the fast demo's character tokenizer with its 4 chat-template tokens (checked in the fixture)
 
 
 def _batch():
@@ -59,9 +59,10 @@ def runs(ray_cluster, tiny_demo):
 
     student = str(tiny_demo / "student")
     assert json.loads((tiny_demo / "student" / "config.json").read_text())["vocab_size"] == VOCAB
-    # micro_batch_size 4 with room for 20 responses: W=1 runs 5 micro-batches (4 real + 1 empty),
-    # each W=2 rank runs 3 (2 real + 1 empty), so accumulation and the empty-chunk path both count.
-    cfg = LearnerConfig(micro_batch_size=4, lr=1e-3, num_cpus=1,
+    # A budget of 24 tokens (prompt+response lengths 5..14): W=1 accumulates 9 micro-batches; the two
+    # W=2 ranks plan 5 each, rank 1 with 4 real + 1 empty, so accumulation over a step-dependent count
+    # and the empty micro-batch (a dummy forward + zero loss) both count.
+    cfg = LearnerConfig(max_tokens_per_micro_batch=24, lr=1e-3, num_cpus=1,
                         objective=ObjectiveConfig(dist_weight=0.5, top_k=4))
     # Learner has control-plane methods in a concurrency group: Ray needs the groups declared.
     actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=1)
@@ -142,7 +143,7 @@ def zero3(ray_cluster, tiny_demo, runs):
     from learner.learner import Learner
 
     student = str(tiny_demo / "student")
-    cfg = LearnerConfig(micro_batch_size=4, lr=1e-3, num_cpus=1, zero_stage=3,
+    cfg = LearnerConfig(max_tokens_per_micro_batch=24, lr=1e-3, num_cpus=1, zero_stage=3,
                         objective=ObjectiveConfig(dist_weight=0.5, top_k=4))
     actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=1)
     ranks = [actor.remote(student, cfg, rank=r, world_size=2, seed=0, total_steps=10, max_responses_per_step=20)

@@ -46,7 +46,8 @@ def _overrides(fx, out, **extra) -> list[str]:
         "data.chat_template": "true", "data.chat_template_kwargs": "{enable_thinking: false}",
         "data.prompts_per_step": 2, "sampler.n": 2, "sampler.max_new_tokens": MAX_NEW,
         "sampler.max_model_len": 1024, "sampler.num_cpus": 0.5, "buffer.truncated": "mask",
-        "learner.micro_batch_size": 1, "learner.objective.dist_weight": 0.5, "learner.objective.top_k": 4,
+        "learner.max_tokens_per_micro_batch": 1200, "learner.logit_chunk_tokens": 128,
+        "learner.objective.dist_weight": 0.5, "learner.objective.top_k": 4,
         "learner.lr": 1e-4,
     }
     o.update(extra)
