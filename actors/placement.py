@@ -98,7 +98,7 @@ def spawn_actors(cfg: RunConfig, train_sources: Sequence[PromptSource] | list[Pr
     learners = [
         _remote(Learner, cfg.learner.num_cpus, cfg.learner.num_gpus).remote(
             cfg.student.path, cfg.learner, rank=r, world_size=cfg.learner.world_size, seed=cfg.run.seed,
-            total_steps=cfg.run.steps, max_responses_per_step=cfg.data.prompts_per_step * s.n)
+            total_steps=cfg.run.steps)
         for r in range(cfg.learner.world_size)
     ]
     return Actors(samplers, teachers, verifier, buffer, learners)

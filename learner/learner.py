@@ -185,9 +185,7 @@ def response_positions(b: dict[str, torch.Tensor], top_k: int) -> tuple[torch.Te
 
 class Learner:
     def __init__(self, model_path: str, cfg: LearnerConfig, *, rank: int, world_size: int, seed: int,
-                 total_steps: int, max_responses_per_step: int) -> None:
-        # max_responses_per_step sized the old fixed response-count accumulation; the token-budget
-        # plan is made per step (plan_micro_batches). Kept in the signature for the driver.
+                 total_steps: int) -> None:
         self.model_path, self.cfg, self.rank, self.W = model_path, cfg, rank, world_size
         self.seed, self.total_steps = seed, total_steps
         self.engine = None

@@ -121,7 +121,7 @@ def child(path: str, n_tokens: int, model_dir: str, chunk: int) -> dict:
                         objective=ObjectiveConfig(pg_weight=1.0, dist_weight=0.5, top_k=TOP_K,
                                                   dist_kind="forward_kl_topk"))
     cls = _full_logits_learner_cls() if path == "before" else Learner
-    learner = cls(model_dir, cfg, rank=0, world_size=1, seed=0, total_steps=10, max_responses_per_step=1)
+    learner = cls(model_dir, cfg, rank=0, world_size=1, seed=0, total_steps=10)
     n_params = learner.init_engine("127.0.0.1", free_port())
     batch = _batch(n_tokens, len(learner.tokenizer))
     gc.collect()

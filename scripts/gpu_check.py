@@ -229,7 +229,7 @@ def learner_case(model: str, zero: int, bf16: bool, sync: list[str]) -> None:
     print(f"--- {tag}: deepspeed {deepspeed.__version__}", flush=True)
     cfg = LearnerConfig(num_gpus=1, zero_stage=zero, bf16=bf16, micro_batch_size=4, lr=1e-3,
                         objective=ObjectiveConfig(dist_weight=0.5, top_k=4))
-    learner = Learner(model, cfg, rank=0, world_size=1, seed=0, total_steps=10, max_responses_per_step=16)
+    learner = Learner(model, cfg, rank=0, world_size=1, seed=0, total_steps=10)
     try:
         t = time.perf_counter()
         n = learner.init_engine("127.0.0.1", free_port())

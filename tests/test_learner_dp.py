@@ -66,7 +66,7 @@ def runs(ray_cluster, tiny_demo):
                         objective=ObjectiveConfig(dist_weight=0.5, top_k=4))
     # Learner has control-plane methods in a concurrency group: Ray needs the groups declared.
     actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=1)
-    kw = dict(seed=0, total_steps=10, max_responses_per_step=20)
+    kw = dict(seed=0, total_steps=10)
     single = actor.remote(student, cfg, rank=0, world_size=1, **kw)
     ranks = [actor.remote(student, cfg, rank=r, world_size=2, **kw) for r in (0, 1)]
     try:
@@ -146,7 +146,7 @@ def zero3(ray_cluster, tiny_demo, runs):
     cfg = LearnerConfig(max_tokens_per_micro_batch=24, lr=1e-3, num_cpus=1, zero_stage=3,
                         objective=ObjectiveConfig(dist_weight=0.5, top_k=4))
     actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=1)
-    ranks = [actor.remote(student, cfg, rank=r, world_size=2, seed=0, total_steps=10, max_responses_per_step=20)
+    ranks = [actor.remote(student, cfg, rank=r, world_size=2, seed=0, total_steps=10)
              for r in (0, 1)]
     try:
         addr = ray.get(ranks[0].dist_address.remote(), timeout=120)

@@ -199,7 +199,7 @@ def _reference_loss(model, cfg: LearnerConfig, samples, n_total, W=1):
 
 def _learner(model, cfg: LearnerConfig, W=1) -> Learner:
     """A Learner whose engine is the bare policy module (no DeepSpeed): _chunk_loss as in training."""
-    lr = Learner("unused", cfg, rank=0, world_size=W, seed=0, total_steps=1, max_responses_per_step=8)
+    lr = Learner("unused", cfg, rank=0, world_size=W, seed=0, total_steps=1)
     lr.engine = ResponseLogprobModel(model, chunk_tokens=cfg.logit_chunk_tokens)
     lr.device, lr.pad_id = torch.device("cpu"), 0
     return lr
@@ -262,7 +262,7 @@ def test_zero_loss_on_a_nan_output_has_finite_zero_gradients():
     out = chunked_logprobs(h, w, b, ids, 4)
     out_nan = out.clone()
     out_nan[0, 0] = float("nan")
-    lr = Learner("unused", LearnerConfig(), rank=0, world_size=1, seed=0, total_steps=1, max_responses_per_step=1)
+    lr = Learner("unused", LearnerConfig(), rank=0, world_size=1, seed=0, total_steps=1)
     g = torch.autograd.grad(lr._zero_loss(out_nan), (h, w))
     assert all(torch.isfinite(x).all() and not x.any() for x in g)
 

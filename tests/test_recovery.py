@@ -154,7 +154,7 @@ def test_nonfinite_loss_skips_the_step_and_keeps_the_weights(tiny_demo):
     from learner.learner import Learner, free_port
 
     lr = Learner(str(tiny_demo / "student"), LearnerConfig(micro_batch_size=4), rank=0, world_size=1, seed=0,
-                 total_steps=10, max_responses_per_step=8)
+                 total_steps=10)
     lr.init_engine("127.0.0.1", free_port())
 
     def sample(shift):
