@@ -58,7 +58,8 @@ def save(run_dir: Path, step: int, version: int, learners: list, buffer, meta: d
     if crash_after_learner:  # fault injection (chaos.crash_in_checkpoint_step): die mid-write
         log.error("chaos: killing the driver while checkpoint %s is half written", name)
         os._exit(17)
-    ray.get([learners[0].save_hf.remote(str(tmp / "hf")), buffer.save.remote(str(tmp / "buffer.pkl"))],
+    # every rank takes part in the export (ZeRO-3 gathers each parameter); rank 0 writes it
+    ray.get([lr.save_hf.remote(str(tmp / "hf")) for lr in learners] + [buffer.save.remote(str(tmp / "buffer.pkl"))],
             timeout=timeout)
     (tmp / "meta.json").write_text(json.dumps({"step": step, "version": version, **meta}, indent=2))
     (tmp / COMPLETE).write_text("")

@@ -22,6 +22,7 @@ from buffers.records import Prompt
 from buffers.replay import PromptSource, ReplayBuffer
 from configs.schema import RunConfig
 from learner.learner import Learner
+from learner.logprobs import LogitProcessing
 
 # vLLM on CPU runs in-process inside the actor (STACK.md: 2–3 s start-up instead of 15 s);
 # samplers and teachers alike.
@@ -81,7 +82,8 @@ def spawn_actors(cfg: RunConfig, train_sources: Sequence[PromptSource] | list[Pr
     env = {**_SAMPLER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_gib)}
     samplers = [
         _remote(Sampler, s.num_cpus, s.num_gpus, env, max_restarts=2).remote(
-            cfg.student.path, s, rank=i, seed=cfg.run.seed, chaos_delay_s=cfg.chaos.sampler_delay_s)
+            cfg.student.path, s, rank=i, seed=cfg.run.seed, chaos_delay_s=cfg.chaos.sampler_delay_s,
+            weight_backend=cfg.weight_sync.backend)
         for i in range(s.num_samplers)
     ]
     top_k = cfg.learner.objective.top_k if cfg.needs_topk else 0
@@ -98,7 +100,7 @@ def spawn_actors(cfg: RunConfig, train_sources: Sequence[PromptSource] | list[Pr
     learners = [
         _remote(Learner, cfg.learner.num_cpus, cfg.learner.num_gpus).remote(
             cfg.student.path, cfg.learner, rank=r, world_size=cfg.learner.world_size, seed=cfg.run.seed,
-            total_steps=cfg.run.steps)
+            total_steps=cfg.run.steps, processing=LogitProcessing(s.temperature, s.top_k, s.top_p, s.min_p))
         for r in range(cfg.learner.world_size)
     ]
     return Actors(samplers, teachers, verifier, buffer, learners)

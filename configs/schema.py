@@ -192,8 +192,19 @@ class SamplerConfig(_Section):
         2, ge=1, description="Chunks queued per sampler: with 2, a sampler generates the next chunk while the "
         "last one is verified and scored.")
     n: int = Field(8, ge=1, description="Responses per prompt (the group size).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0 keeps behaviour log-probs unbiased).")
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (Qwen3 recommends 0.6 for thinking). "
+                               "The learner applies the same temperature, top-k, top-p and min-p to the log-probs of "
+                               "the SPEC §2 behaviour weight, so any setting keeps it exact.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (Qwen3: 0.95).")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens (0: off; Qwen3: 20).")
+    min_p: float = Field(0.0, ge=0, lt=1, description="Drop tokens below min_p × the likeliest one's probability.")
+    seed: int | None = Field(None, description="Engine seed (sampler i gets seed + 1000 i); unset: run.seed.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM tensor parallelism); each "
+                                      "engine's GPUs come from one placement-group bundle set on one node.")
+    enforce_eager: bool = Field(True, description="No CUDA graphs: faster start, slower decode. On GPUs set false "
+                                "(CUDA graphs speed decoding of many short steps); CPU needs true.")
+    enable_prefix_caching: bool = Field(False, description="Reuse the KV of shared prompt prefixes (system "
+                                        "prompts, few-shot): on for GPU runs; reset after every weight update.")
     max_new_tokens: int = Field(16, ge=1, description="Longest response; one that reaches it is marked "
                                 "truncated (buffer.truncated decides what that does).")
     max_model_len: int = Field(64, ge=8, description="Longest prompt + response the engine holds.")
@@ -331,8 +342,11 @@ class LearnerConfig(_Section):
 class WeightSyncConfig(_Section):
     backend: Literal["gloo", "nccl"] = Field("gloo", description="Collective backend: nccl on GPUs, gloo on CPU.")
     bucket_mb: float = Field(64, gt=0, description="Weights are flattened and broadcast in buckets of this size.")
-    timeout_s: float = Field(120, gt=0, description="A broadcast that does not finish in time fails the run.")
-    master_addr: str = "127.0.0.1"
+    timeout_s: float = Field(120, gt=0, description="A weight update (or the transfer group's set-up) that does not "
+                             "finish in time fails, naming the weight sync. It includes the wait for each sampler's "
+                             "generate call in progress, so allow for the longest one.")
+    master_addr: str = Field("auto", description="Address the samplers reach learner rank 0 at: `auto` is the IP of "
+                             "learner rank 0's node (Ray's view of it); set it when that interface is not routable.")
 
 
 class ChaosSection(_Section):
@@ -390,6 +404,16 @@ class RunConfig(_Section):
                 f"`data.max_prompt_tokens` ({self.data.max_prompt_tokens}) + `sampler.max_new_tokens` "
                 f"({self.sampler.max_new_tokens}) exceeds `sampler.max_model_len` ({self.sampler.max_model_len}); "
                 f"lower one of the first two or raise max_model_len")
+        sp = self.sampler
+        if sp.num_gpus > 0 and sp.num_gpus != sp.tensor_parallel_size:
+            raise ValueError(f"`sampler.num_gpus` ({sp.num_gpus:g}) must equal `sampler.tensor_parallel_size` "
+                             f"({sp.tensor_parallel_size}) on GPU nodes: one engine holds one GPU per shard")
+        if sp.num_gpus == 0 and sp.tensor_parallel_size > 1:
+            raise ValueError(f"`sampler.tensor_parallel_size` is {sp.tensor_parallel_size} but `sampler.num_gpus` is 0: "
+                             "tensor parallelism needs GPUs (set num_gpus to the same number)")
+        if (sp.num_gpus > 0) != (self.weight_sync.backend == "nccl"):
+            raise ValueError(f"`weight_sync.backend` is {self.weight_sync.backend!r} with `sampler.num_gpus` "
+                             f"{sp.num_gpus:g}: use nccl when the samplers hold GPUs, gloo when they run on CPU")
         for name, t in self.teachers.items():
             if t.num_gpus > 0 and t.num_gpus != t.tensor_parallel_size:
                 raise ValueError(f"`teachers.{name}.num_gpus` ({t.num_gpus:g}) must equal its `tensor_parallel_size` "

@@ -8,7 +8,10 @@ all ranks (DeepSpeed needs the same number of backward passes everywhere).
 One optimizer step per batch, so π_S,old (SPEC §1) is the current parameters: the
 same forward pass gives log πθ and, detached, log π_S,old — the learner's own
 recomputation, never the sampler's number. The sampler's log-probs enter only as
-the behaviour policy of SPEC §2.
+the behaviour policy of SPEC §2: they are vLLM's processed log-probs (temperature,
+min-p, top-k, top-p applied), so the behaviour weight compares them with the
+learner's log-probs under the same ``LogitProcessing``, computed without gradient
+from the same hidden states; the objectives use the model's own distribution.
 
 Loss (learner/objectives.py): ``pg_weight`` × SPEC §1 clipped policy gradient on
 the calibrated advantages + ``dist_weight`` × a SPEC §6 top-k distribution term,
@@ -19,7 +22,9 @@ Memory: the student's log-probs are taken at response positions only, through th
 chunked lm_head of learner/logprobs.py, so no micro-batch × sequence × vocabulary
 tensor exists; activations scale with the token budget.
 
-Rank 0 also owns the learner end of the weight-sync group (learner/weight_sync.py).
+Weights go to the samplers through vLLM's weight-transfer API: every rank holds a
+trainer engine (vLLM's ``nccl`` one on GPUs, ours for ``gloo``), rank 0 sends
+(learner/weight_sync.py).
 """
 
 from __future__ import annotations
@@ -39,8 +44,7 @@ import torch
 from buffers.records import TrainBatch, TrainSample
 from configs.schema import LearnerConfig, WeightSyncConfig
 from learner import objectives as obj
-from learner.logprobs import ResponseLogprobModel
-from learner.weight_sync import ParamSpec, WeightSyncGroup, plan_buckets
+from learner.logprobs import LogitProcessing, ResponseLogprobModel
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +189,17 @@ def response_positions(b: dict[str, torch.Tensor], top_k: int) -> tuple[torch.Te
 
 class Learner:
     def __init__(self, model_path: str, cfg: LearnerConfig, *, rank: int, world_size: int, seed: int,
-                 total_steps: int) -> None:
+                 total_steps: int, processing: LogitProcessing = LogitProcessing()) -> None:
         self.model_path, self.cfg, self.rank, self.W = model_path, cfg, rank, world_size
+        self.processing = processing
         self.seed, self.total_steps = seed, total_steps
         self.engine = None
         self.version = 0
         self.steps_done = 0
         self.skipped_steps = 0
         self.busy_s = 0.0
-        self._sync: WeightSyncGroup | None = None
+        self._transfer = None  # the trainer-side weight-transfer engine (vLLM interface)
+        self._transfer_bytes = 0
 
     # -- setup ----------------------------------------------------------------------------
     def dist_address(self) -> tuple[str, int]:
@@ -261,15 +267,24 @@ class Learner:
         return ResponseLogprobModel(model, chunk_tokens=cfg.logit_chunk_tokens)
 
     # -- training -------------------------------------------------------------------------
-    def _logprobs(self, b: dict[str, torch.Tensor], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student log-probs at every real response token: ``(logp_BTJ, logp_NJ)``, J = 1 + top_k ids
-        (the sampled token, then the teacher's top-k); 0 at padded positions of ``logp_BTJ``."""
+    def _logprobs(self, b: dict[str, torch.Tensor], top_k: int, processed: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Student log-probs at every real response token: ``(logp_BTJ, logp_NJ, proc_BT)``, J = 1 + top_k
+        ids (the sampled token, then the teacher's top-k); 0 at padded positions. ``proc_BT``: with
+        ``processed``, the sampled tokens' log-probs under the samplers' ``LogitProcessing`` (no
+        gradient; the same as column 0 when the processing is the identity), else None."""
         rows, cols, t, ids_NJ = response_positions(b, top_k)
-        logp_NJ = self.engine(input_ids_BL=b["ids_BL"], attention_mask_BL=b["attn_BL"], rows_N=rows, cols_N=cols,
-                              token_ids_NJ=ids_NJ)
+        extra = processed and not self.processing.identity
+        out = self.engine(input_ids_BL=b["ids_BL"], attention_mask_BL=b["attn_BL"], rows_N=rows, cols_N=cols,
+                          token_ids_NJ=ids_NJ, processing=self.processing if extra else None)
+        logp_NJ, proc_N = out if extra else (out, None)
         B, T = b["mask_BT"].shape
         logp_BTJ = logp_NJ.new_zeros((B, T, ids_NJ.shape[1])).index_put((rows, t), logp_NJ)
-        return logp_BTJ, logp_NJ
+        proc_BT = None
+        if processed:
+            proc_BT = (logp_BTJ[..., 0].detach() if proc_N is None
+                       else proc_N.new_zeros((B, T)).index_put((rows, t), proc_N))
+        return logp_BTJ, logp_NJ, proc_BT
 
     def _chunk_loss(self, samples: list[TrainSample], n_total: int
                     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
@@ -280,7 +295,7 @@ class Learner:
              for k, v in collate(samples, self.pad_id, top_k).items()}
         # collate caps top_k at what the teacher returned
         top_k = b["topk_ids_BTK"].shape[-1] if b["topk_ids_BTK"] is not None else 0
-        logp_BTJ, out_NJ = self._logprobs(b, top_k)
+        logp_BTJ, out_NJ, old_proc = self._logprobs(b, top_k, processed=True)
         mask = b["mask_BT"]
         logp = logp_BTJ[..., 0]
         old = logp.detach()
@@ -289,13 +304,14 @@ class Learner:
         teacher = torch.where(has_t > 0, b["teacher_BT"], old)
         adv = (obj.distill_advantage(teacher, old) + b["shift_B"][:, None]) * has_t
         imp = self.cfg.importance
-        w_BT = obj.behaviour_weights(old, b["behave_BT"], mask, mode=imp.mode, tis_upper=imp.tis_upper,
+        # SPEC §2: π_S,old / π_behave, both under the samplers' processing (temperature, top-p, ...)
+        w_BT = obj.behaviour_weights(old_proc, b["behave_BT"], mask, mode=imp.mode, tis_upper=imp.tis_upper,
                                      icepop_low=imp.icepop_low, icepop_high=imp.icepop_high)
         pg_B, pg_stats = obj.pg_loss_per_response(
             logp, old, adv, mask, eps_low=o.eps_low, eps_high=o.eps_high, teacher_logp_BT=teacher,
             mask_threshold=o.mask_threshold, weight_BT=w_BT)
         stats = {"pg_loss": float(obj.reduce_over_batch(pg_B.detach(), b["weight_B"], n_total)),
-                 "mismatch_kl": float(obj.mismatch_kl(old, b["behave_BT"], mask)),
+                 "mismatch_kl": float(obj.mismatch_kl(old_proc, b["behave_BT"], mask)),
                  "clip_frac": float(pg_stats.clip_frac),
                  "masked_token_frac": float(pg_stats.masked_token_frac)}
         dist_B = None
@@ -321,7 +337,7 @@ class Learner:
                                 0, "", False, "")
             b = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
                  for k, v in collate([dummy], self.pad_id, 0).items()}
-            _, out_NJ = self._logprobs(b, 0)
+            out_NJ = self._logprobs(b, 0)[1]
         # nan_to_num: a non-finite output contributes a 0 upstream gradient, not NaN·0 = NaN
         return torch.nan_to_num(out_NJ, nan=0.0, posinf=0.0, neginf=0.0).sum() * 0.0
 
@@ -416,10 +432,11 @@ class Learner:
             g["lr"] = 0.0
 
     @torch.no_grad()
-    def compute_logprobs(self, samples: list[TrainSample]) -> list[np.ndarray]:
-        """log πθ of each sample's response tokens (for checks against the samplers), through the same
-        token-budget micro-batches and chunked head as training. Under ZeRO-3 every rank must call it
-        with the same samples (the forward gathers weights collectively)."""
+    def compute_logprobs(self, samples: list[TrainSample], processed: bool = False) -> list[np.ndarray]:
+        """log πθ of each sample's response tokens (for checks against the samplers; ``processed``:
+        under the samplers' ``LogitProcessing``, as they report them), through the same token-budget
+        micro-batches and chunked head as training. Under ZeRO-3 every rank must call it with the
+        same samples (the forward gathers weights collectively)."""
         self.engine.eval()
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(samples)
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
@@ -428,51 +445,64 @@ class Learner:
                 continue
             b = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
                  for k, v in collate([samples[i] for i in mb], self.pad_id, 0).items()}
-            logp = self._logprobs(b, 0)[0][..., 0].cpu()
+            logp_BTJ, _, proc_BT = self._logprobs(b, 0, processed=processed)
+            logp = (proc_BT if processed else logp_BTJ[..., 0]).cpu()
             for row, i in enumerate(mb):
                 out[i] = logp[row, : len(samples[i].response_ids)].numpy()
         return out
 
-    # -- weight sync ----------------------------------------------------------------------
+    # -- weight sync (vLLM's weight-transfer API; learner/weight_sync.py) ----------------------
     def weight_sync_address(self, master_addr: str) -> tuple[str, int]:
         ip = node_ip() if master_addr == "auto" else master_addr
         return ip, free_port()
 
-    def param_specs(self):
-        # ZeRO-3 partitions parameters in place (``p.shape`` is then (0,)); ``ds_shape`` keeps the full
-        # shape. Found on an H100 (scripts/gpu_check.py): without it the receivers planned empty buckets.
-        return [ParamSpec(n, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
-                for n, p in self._full_named_params()]
+    def init_weight_transfer(self, receivers: list, worker_ranks: list[int], cfg: WeightSyncConfig, dtype: str,
+                             addr: str, port: int) -> bool:
+        """Every rank: build the trainer-side engine of ``cfg.backend`` over this rank's parameters in
+        the samplers' ``dtype``; rank 0 opens the group at ``addr:port`` and has every receiver join it
+        (``worker_ranks``: engine workers per receiver). A previous group is shut down first (a
+        restarted sampler forms a new one)."""
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
 
-    def _full_named_params(self):
-        return [(n, p) for n, p in self.engine.module.named_parameters()]
+        from learner import weight_sync as ws
 
-    def join_weight_sync(self, cfg: WeightSyncConfig, addr: str, port: int, world_size: int) -> bool:
-        if self.rank != 0:
-            return True
-        self._sync_cfg = cfg
-        self._sync = WeightSyncGroup(backend=cfg.backend, master_addr=addr, master_port=port, rank=0,
-                                     world_size=world_size, timeout_s=cfg.timeout_s)
-        self._buckets = plan_buckets(self.param_specs(), cfg.bucket_mb)
+        ws.register()
+        if self._transfer is not None:
+            self._transfer.shutdown()
+            self._transfer = None
+        source = ws.DeepSpeedSource(self.engine.module, dtype=getattr(torch, dtype), zero3=self.cfg.zero_stage == 3)
+        meta = source.metadata()
+        self._transfer_bytes = sum(math.prod(m.shape) * torch.empty((), dtype=m.dtype).element_size() for m in meta)
+        client = ws.SamplerDrivenClient(receivers, worker_ranks, cfg.timeout_s, ws.update_info_of(meta))
+        info = ws.trainer_init_info(cfg.backend, rank=self.rank, master_address=addr, master_port=port,
+                                    world_size=1 + sum(worker_ranks), bucket_mb=cfg.bucket_mb, timeout_s=cfg.timeout_s)
+        self._transfer = ws.run_with_deadline(
+            lambda: WeightTransferTrainerFactory.trainer_init(info, client=client, source=source),
+            cfg.timeout_s + 5, "set-up of the transfer group")
+        self._sync_timeout_s = cfg.timeout_s
         return True
 
-    def broadcast_weights(self, version: int) -> dict[str, float]:
-        """Every rank calls this (ZeRO-3 gathers collectively); rank 0 sends to the samplers."""
-        t0 = time.perf_counter()
-        params = [p for _, p in self._full_named_params()]
-        sent = 0
-        if self.cfg.zero_stage == 3:
-            import deepspeed
+    def transfer_metadata(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, full shape, wire dtype) of what ``send_weights`` sends (ZeRO-3: the full shapes)."""
+        from learner import weight_sync as ws
 
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if self.rank == 0:
-                    sent = self._sync.send(self._buckets, dict(self._full_named_params()))
-        elif self.rank == 0:
-            sent = self._sync.send(self._buckets, dict(self._full_named_params()))
+        dtype = torch.bfloat16 if self.cfg.bf16 else torch.float32
+        meta = ws.DeepSpeedSource(self.engine.module, dtype=dtype, zero3=self.cfg.zero_stage == 3).metadata()
+        return [(m.name, tuple(m.shape), str(m.dtype).removeprefix("torch.")) for m in meta]
+
+    def send_weights(self, version: int) -> dict[str, float]:
+        """Every rank calls this (ZeRO-3 gathers each parameter collectively); rank 0 streams the
+        weights, bucket by bucket, to the samplers, which load them in their ``receive_weights``."""
+        from learner import weight_sync as ws
+
+        if self._transfer is None:
+            raise RuntimeError("send_weights before init_weight_transfer")
+        t0 = time.perf_counter()
+        ws.run_with_deadline(self._transfer.send_weights, self._sync_timeout_s, f"sending version {version}")
         self.version = version
         dt = time.perf_counter() - t0
         self.busy_s += dt
-        return {"weight_sync/seconds": dt, "weight_sync/bytes": float(sent)}
+        return {"weight_sync/seconds": dt, "weight_sync/bytes": float(self._transfer_bytes if self.rank == 0 else 0)}
 
     @ray.method(concurrency_group=CONTROL)
     def ready(self) -> bool:
@@ -505,9 +535,23 @@ class Learner:
             return float(sum(p.detach().double().abs().sum() for p in self.engine.module.parameters()))
 
     def save_hf(self, out_dir: str) -> str:
-        """Export the student in Hugging Face format (rank 0 writes)."""
+        """Export the student in Hugging Face format; every rank calls this. Under ZeRO-3 each
+        parameter is gathered in turn (a collective) and rank 0 keeps a CPU copy, so no rank holds
+        more than one full parameter on the device; rank 0 writes the files."""
+        module = self.engine.module
+        state = None
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            state = {}
+            for name, p in module.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    if self.rank == 0:
+                        state[name] = p.detach().to("cpu", copy=True)
         if self.rank == 0:
-            self.engine.module.causal_lm.save_pretrained(out_dir)
+            # module's parameter names are the causal LM's own (ResponseLogprobModel), so the
+            # state dict drops straight into save_pretrained
+            module.causal_lm.save_pretrained(out_dir, state_dict=state)
             self.tokenizer.save_pretrained(out_dir)
         return out_dir
 

@@ -23,11 +23,13 @@ the learner) and every rank runs the same collectives.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ResponseLogprobModel", "chunked_logprobs"]
+__all__ = ["LogitProcessing", "ResponseLogprobModel", "chunked_logprobs", "processed_logprobs"]
 
 # Config attributes by which some architectures transform logits after the lm_head (Gemma 2/3
 # soft-capping, Cohere and Granite scaling). The chunked head computes lm_head(h) only, so those
@@ -111,6 +113,60 @@ def chunked_logprobs(hidden_NH: Tensor, weight_VH: Tensor, bias_V: Tensor | None
     return _ChunkedLogSoftmaxGather.apply(hidden_NH, weight_VH, bias_V, ids_NJ.long().contiguous(), chunk_tokens)
 
 
+@dataclass(frozen=True)
+class LogitProcessing:
+    """The sampler's logit processing, in vLLM's order: temperature, then min-p, then top-k and
+    top-p (``vllm/v1/sample/sampler.py``). The sampler returns log-probs of the distribution it
+    drew from (``processed_logprobs``); the SPEC §2 behaviour weight w = π_S,old / π_behave must
+    compare the learner's log-probs under the same processing, or it is off by log T-scaling and
+    the nucleus mass at every token (Qwen3's 0.6 / 0.95)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    @property
+    def identity(self) -> bool:
+        return self.temperature == 1.0 and self.top_k <= 0 and self.top_p >= 1.0 and self.min_p <= 0.0
+
+
+@torch.no_grad()
+def processed_logprobs(hidden_NH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, ids_N: Tensor,
+                       chunk_tokens: int, proc: LogitProcessing) -> Tensor:
+    """fp32 log-probs of ``ids_N`` under ``proc`` (no gradient: they only enter the detached
+    behaviour weight), C positions at a time. With top-k or top-p a chunk is sorted: the sort's
+    values and int64 indices add ≈ 3 × C × V × 4 bytes, so chunks here are a quarter of
+    ``chunk_tokens``. Masked tokens get −inf, as in vLLM; a sampled token is never masked."""
+    sorts = proc.top_k > 0 or proc.top_p < 1.0
+    chunk = max(1, chunk_tokens // 4) if sorts else chunk_tokens
+    out_N = torch.empty(ids_N.shape[0], dtype=torch.float32, device=hidden_NH.device)
+    for s in range(0, hidden_NH.shape[0], chunk):
+        z_CV = _chunk_logits(hidden_NH[s: s + chunk], weight_VH, bias_V)
+        if proc.temperature != 1.0:
+            z_CV.div_(proc.temperature)
+        if proc.min_p > 0:
+            p_CV = z_CV.softmax(dim=1)
+            z_CV.masked_fill_(p_CV < proc.min_p * p_CV.amax(dim=1, keepdim=True), float("-inf"))
+            del p_CV
+        if sorts:
+            z_sorted, idx = z_CV.sort(dim=1, descending=False)
+            V = z_sorted.shape[1]
+            if 0 < proc.top_k < V:
+                z_sorted.masked_fill_(z_sorted < z_sorted[:, V - proc.top_k: V - proc.top_k + 1], float("-inf"))
+            if proc.top_p < 1.0:
+                cum = z_sorted.softmax(dim=1).cumsum_(dim=1)
+                drop = cum <= 1 - proc.top_p
+                drop[:, -1] = False  # at least one token
+                z_sorted.masked_fill_(drop, float("-inf"))
+                del cum, drop
+            z_CV.scatter_(1, idx, z_sorted)
+            del z_sorted, idx
+        out_N[s: s + chunk] = z_CV.gather(1, ids_N[s: s + chunk, None])[:, 0] - z_CV.logsumexp(dim=1)
+        del z_CV
+    return out_N
+
+
 class ResponseLogprobModel(nn.Module):
     """A Hugging Face causal LM whose forward returns log-probs at chosen positions only.
 
@@ -147,9 +203,16 @@ class ResponseLogprobModel(nn.Module):
         return getattr(self, self._head_name)
 
     def forward(self, input_ids_BL: Tensor, attention_mask_BL: Tensor, rows_N: Tensor, cols_N: Tensor,
-                token_ids_NJ: Tensor) -> Tensor:
-        """``logp_NJ[n, j]`` = log π(token_ids_NJ[n, j] | input_ids_BL[rows_N[n], : cols_N[n] + 1]), fp32."""
+                token_ids_NJ: Tensor, processing: LogitProcessing | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """``logp_NJ[n, j]`` = log π(token_ids_NJ[n, j] | input_ids_BL[rows_N[n], : cols_N[n] + 1]), fp32.
+        With ``processing``, also the (gradient-free) log-probs of ``token_ids_NJ[:, 0]`` under it,
+        from the same hidden states: ``(logp_NJ, processed_N)``."""
         base = getattr(self, self._base_name)
         hidden_BLH = base(input_ids=input_ids_BL, attention_mask=attention_mask_BL, use_cache=False).last_hidden_state
         hidden_NH = hidden_BLH[rows_N, cols_N]
-        return chunked_logprobs(hidden_NH, self.head.weight, self.head.bias, token_ids_NJ, self.chunk_tokens)
+        logp_NJ = chunked_logprobs(hidden_NH, self.head.weight, self.head.bias, token_ids_NJ, self.chunk_tokens)
+        if processing is None:
+            return logp_NJ
+        return logp_NJ, processed_logprobs(hidden_NH.detach(), self.head.weight.detach(),
+                                           None if self.head.bias is None else self.head.bias.detach(),
+                                           token_ids_NJ[:, 0], self.chunk_tokens, processing)

@@ -1,5 +1,6 @@
-"""Weight broadcast (learner/weight_sync.py): the bucket plan by hand, a bit-exact transfer
-between real processes, and the timeouts that must fail a sync instead of hanging it.
+"""The gloo transport under our vLLM weight-transfer engine (learner/weight_sync.py): the bucket
+plan by hand, a bit-exact transfer between real processes, and the timeouts that must fail a
+sync instead of hanging it. (The engine driven through vLLM's API: tests/test_weight_transfer.py.)
 
 Every rank runs in its own process (no Ray); the test process only collects results
 through pipes and kills any child that outlives its deadline, so a hang shows up as a failed
@@ -123,15 +124,15 @@ def _report(conn, fn, *args) -> None:
 def _group(port: int, rank: int, world: int):
     from learner.weight_sync import WeightSyncGroup
 
-    return WeightSyncGroup(backend="gloo", master_addr="127.0.0.1", master_port=port, rank=rank,
-                           world_size=world, timeout_s=TIMEOUT_S)
+    return WeightSyncGroup(master_addr="127.0.0.1", master_port=port, rank=rank, world_size=world,
+                           timeout_s=TIMEOUT_S)
 
 
 def _sender_main(conn, port: int, world: int, seed: int, bucket_mb: float) -> None:
     def run():
         g = _group(port, 0, world)
         tensors = _make_tensors(seed)
-        return g.send(plan_buckets(param_specs(tensors.items()), bucket_mb), tensors)
+        return g.send(plan_buckets(param_specs(tensors.items()), bucket_mb), iter(tensors.items()))
 
     _report(conn, run)
 
@@ -141,7 +142,7 @@ def _receiver_main(conn, port: int, rank: int, world: int, seed: int, bucket_mb:
         g = _group(port, rank, world)
         # The plan is agreed at set-up from the specs alone (the receiver never sees the values).
         buckets = plan_buckets(param_specs(_make_tensors(seed).items()), bucket_mb)
-        got = {name: t.clone() for name, t in g.receive(buckets)}
+        got = {name: t.clone() for views in g.receive(buckets) for name, t in views}
         buf = io.BytesIO()
         torch.save(got, buf)  # bf16 survives, bit for bit
         return buf.getvalue()
@@ -181,7 +182,7 @@ def _construct_then_send_main(conn, port: int, world: int) -> None:
         conn.close()
         return
     tensors = {"w": torch.randn(1000)}
-    _report(conn, g.send, plan_buckets(param_specs(tensors.items()), 64), tensors)
+    _report(conn, g.send, plan_buckets(param_specs(tensors.items()), 64), iter(tensors.items()))
 
 
 def _construct_then_receive_main(conn, port: int, rank: int, world: int) -> None:
@@ -192,7 +193,7 @@ def _construct_then_receive_main(conn, port: int, rank: int, world: int) -> None
         conn.close()
         return
     buckets = plan_buckets([ParamSpec("w", (1000,), "float32")], 64)
-    _report(conn, lambda: [t.clone() for _, t in g.receive(buckets)])
+    _report(conn, lambda: [t.clone() for views in g.receive(buckets) for _, t in views])
 
 
 class _Procs:
