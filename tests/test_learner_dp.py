@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from buffers.records import TrainSample
+
 pytestmark = pytest.mark.slow
 
 N = 16  # responses in the batch
@@ -134,12 +136,16 @@ def test_reported_step_loss_of_two_ranks_equals_the_single_learner_loss(runs):
 
 
 @pytest.fixture(scope="module")
-def zero3(ray_cluster, tiny_demo, runs):
-    """A W=2 ZeRO-3 group: its weight-sync plan, and one step on the batch of ``runs``."""
+def zero3(ray_cluster, tiny_demo, runs, tmp_path_factory):
+    """A W=2 ZeRO-3 group: what it would send to samplers, one step on the batch of ``runs``, then
+    the stepped weights sent to a vLLM sampler through the weight-transfer API and exported with
+    ``save_hf``."""
     import ray
 
     from actors.concurrency import CONCURRENCY_GROUPS
-    from configs.schema import LearnerConfig, ObjectiveConfig
+    from actors.sampler import Sampler
+    from buffers.records import Prompt
+    from configs.schema import LearnerConfig, ObjectiveConfig, SamplerConfig, WeightSyncConfig
     from learner.learner import Learner
 
     student = str(tiny_demo / "student")
@@ -148,16 +154,32 @@ def zero3(ray_cluster, tiny_demo, runs):
     actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=1)
     ranks = [actor.remote(student, cfg, rank=r, world_size=2, seed=0, total_steps=10)
              for r in (0, 1)]
+    sampler = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Sampler).options(num_cpus=0.5).remote(
+        student, SamplerConfig(n=2, max_new_tokens=10, max_model_len=64), rank=0, seed=0)
     try:
         addr = ray.get(ranks[0].dist_address.remote(), timeout=120)
         n_params = ray.get([r.init_engine.remote(*addr) for r in ranks], timeout=600)
-        specs = ray.get(ranks[0].param_specs.remote(), timeout=120)
+        specs = ray.get(ranks[0].transfer_metadata.remote(), timeout=120)
         batch = _batch()
         ray.get([r.train_step.remote(batch) for r in ranks], timeout=600)
         after = ray.get([r.compute_logprobs.remote(batch.samples) for r in ranks], timeout=300)
-        yield {"n_params": n_params, "specs": specs, "after": [np.concatenate(x) for x in after]}
+        # weight transfer: both ranks iterate (each parameter is gathered collectively), rank 0 sends
+        ws = WeightSyncConfig(backend="gloo", bucket_mb=0.05, timeout_s=60)
+        waddr, wport = ray.get(ranks[0].weight_sync_address.remote("auto"), timeout=60)
+        ray.get([r.init_weight_transfer.remote([sampler], [1], ws, "float32", waddr, wport) for r in ranks],
+                timeout=120)
+        ray.get([r.send_weights.remote(1) for r in ranks] + [sampler.receive_weights.remote(1)], timeout=120)
+        prompts = [Prompt(id=f"q{i}", domain="math", prompt="", prompt_ids=tuple(range(4, 8 + i))) for i in range(3)]
+        rollouts = [r for r in ray.get(sampler.generate.remote(prompts), timeout=120) if r.response_ids]
+        sampled = [TrainSample(r.prompt_ids, r.response_ids, r.behaviour_logprobs_T, None, None, None, 0.0, 1.0, 1,
+                               "math", False, r.prompt.id) for r in rollouts]
+        sampled_lp = ray.get([r.compute_logprobs.remote(sampled) for r in ranks], timeout=300)
+        export = tmp_path_factory.mktemp("zero3_export") / "hf"
+        ray.get([r.save_hf.remote(str(export)) for r in ranks], timeout=300)
+        yield {"n_params": n_params, "specs": specs, "after": [np.concatenate(x) for x in after], "batch": batch,
+               "sampled": sampled, "sampled_lp": sampled_lp, "export": export}
     finally:
-        for h in ranks:
+        for h in [*ranks, sampler]:
             ray.kill(h)
 
 
@@ -168,7 +190,7 @@ def test_zero3_weight_sync_plan_has_the_full_shapes(zero3, tiny_demo):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_demo / "student"))
     want = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    assert [(s.name, s.shape) for s in zero3["specs"]] == want
+    assert [(name, shape) for name, shape, _ in zero3["specs"]] == want
     assert zero3["n_params"] == [sum(p.numel() for p in model.parameters())] * 2
 
 
@@ -176,3 +198,50 @@ def test_zero3_ranks_take_the_same_step_as_one_learner(zero3, runs):
     single = runs["after"][0]
     for r in zero3["after"]:
         np.testing.assert_allclose(r, single, rtol=0, atol=1e-5)
+
+
+def test_zero3_weights_reach_a_vllm_sampler_through_the_transfer_api(zero3):
+    """Both ZeRO-3 ranks iterate the DeepSpeedSource (each parameter gathered collectively); the
+    sampler's log-probs of its own tokens after the update equal both ranks' (temperature 1)."""
+    assert len(zero3["sampled"]) >= 4
+    for rank_lp in zero3["sampled_lp"]:
+        for got, s in zip(rank_lp, zero3["sampled"]):
+            np.testing.assert_allclose(got, s.behaviour_logprobs_T, rtol=0, atol=1e-4)
+
+
+def test_zero3_export_loads_in_transformers_with_the_learners_log_probs(zero3):
+    """save_hf under ZeRO-3 gathers the full parameters (empty shards were written before)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(zero3["export"]), dtype=torch.float32).eval()
+    got = []
+    with torch.no_grad():
+        for s in zero3["batch"].samples:
+            ids = torch.tensor([s.prompt_ids + s.response_ids])
+            lp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+            P, T = len(s.prompt_ids), len(s.response_ids)
+            got.append(lp[P - 1: P + T - 1].gather(1, torch.tensor(s.response_ids)[:, None])[:, 0].numpy())
+    np.testing.assert_allclose(np.concatenate(got), zero3["after"][0], rtol=0, atol=1e-4)
+
+
+def test_zero3_export_loads_in_vllm_with_the_learners_log_probs(zero3):
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    llm = LLM(model=str(zero3["export"]), dtype="float32", enforce_eager=True, max_model_len=64,
+              distributed_executor_backend="uni", enable_prefix_caching=False)
+    try:
+        samples = zero3["batch"].samples
+        outs = llm.generate([TokensPrompt(prompt_token_ids=s.prompt_ids + s.response_ids) for s in samples],
+                            SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        got = []
+        for s, o in zip(samples, outs):
+            P = len(s.prompt_ids)
+            got.append([o.prompt_logprobs[P + t][tok].logprob for t, tok in enumerate(s.response_ids)])
+        np.testing.assert_allclose(np.concatenate(got), zero3["after"][0], rtol=0, atol=1e-4)
+    finally:
+        del llm
