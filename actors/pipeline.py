@@ -29,7 +29,7 @@ import ray
 
 from actors import checkpoint
 from actors.metrics import MetricsWriter
-from actors.placement import Actors, resource_plan, spawn_actors
+from actors.placement import Actors, bundle_plan, release, resource_plan, spawn_actors
 from actors.teacher import TeacherRouter
 from actors.vocab_check import check_tokenizers
 from buffers.dataset import LoadedSource, as_prompts, load_sources
@@ -88,6 +88,9 @@ def describe_plan(cfg: RunConfig) -> str:
         total_cpu += count * cpu
         total_gpu += count * gpu
     lines.append(f"  total                  cpus={total_cpu:g} gpus={total_gpu:g}")
+    lines.append("placement groups (one per vLLM engine: its TP GPUs in one bundle, on one node; one for the "
+                 "learner ranks):")
+    lines += [f"  {bs.describe()}" for bs in bundle_plan(cfg)]
     lines.append("domains → teacher (verifier):")
     for d, c in cfg.domains.items():
         lines.append(f"  {d:<10} → {c.teacher:<18} ({c.verifier.type}) {cfg.teachers[c.teacher].path}")
@@ -105,7 +108,13 @@ def describe_plan(cfg: RunConfig) -> str:
                  f"calibration: {cfg.buffer.calibration.mode}/{cfg.buffer.calibration.statistic}/"
                  f"{cfg.buffer.calibration.direction} δ={cfg.buffer.calibration.delta}; "
                  f"balance r={cfg.buffer.balance_ratio if cfg.buffer.balance else 'off'}")
-    lines.append(f"weight sync: {cfg.weight_sync.backend}, buckets of {cfg.weight_sync.bucket_mb:g} MB")
+    ws, sp = cfg.weight_sync, cfg.sampler
+    lines.append(f"weight sync: vLLM weight-transfer API, {ws.backend} engine, buckets of {ws.bucket_mb:g} MB, "
+                 f"{ws.timeout_s:g} s deadline, learner rank 0 at {ws.master_addr}")
+    lines.append(f"sampling: temperature {sp.temperature:g}, top-p {sp.top_p:g}, top-k {sp.top_k or 'off'}, min-p "
+                 f"{sp.min_p:g}; {sp.tensor_parallel_size} GPU(s) per engine (TP), "
+                 f"{'eager' if sp.enforce_eager else 'CUDA graphs'}, prefix caching "
+                 f"{'on' if sp.enable_prefix_caching else 'off'}")
     return "\n".join(lines)
 
 
@@ -575,8 +584,7 @@ def run(cfg: RunConfig) -> dict:
     finally:
         writer.close()
         if actors is not None:
-            for h in actors.all():
-                ray.kill(h, no_restart=True)
+            release(actors)
         if started_ray:
             ray.shutdown()
 

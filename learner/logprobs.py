@@ -131,38 +131,51 @@ class LogitProcessing:
         return self.temperature == 1.0 and self.top_k <= 0 and self.top_p >= 1.0 and self.min_p <= 0.0
 
 
+def _top_p_drop(z_sorted: Tensor, top_p: float) -> Tensor:
+    """vLLM's nucleus rule on ascending-sorted logits: drop the tokens whose cumulative probability
+    (from the least likely up) is ≤ 1 − p, always keeping the likeliest."""
+    drop = z_sorted.softmax(dim=1).cumsum_(dim=1) <= 1 - top_p
+    drop[:, -1] = False
+    return drop
+
+
 @torch.no_grad()
 def processed_logprobs(hidden_NH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, ids_N: Tensor,
                        chunk_tokens: int, proc: LogitProcessing) -> Tensor:
     """fp32 log-probs of ``ids_N`` under ``proc`` (no gradient: they only enter the detached
-    behaviour weight), C positions at a time. With top-k or top-p a chunk is sorted: the sort's
-    values and int64 indices add ≈ 3 × C × V × 4 bytes, so chunks here are a quarter of
-    ``chunk_tokens``. Masked tokens get −inf, as in vLLM; a sampled token is never masked."""
-    sorts = proc.top_k > 0 or proc.top_p < 1.0
-    chunk = max(1, chunk_tokens // 4) if sorts else chunk_tokens
+    behaviour weight), C positions at a time; masked tokens get −inf, as in vLLM (a sampled token
+    never is). With top-k, only the k largest logits of a position matter: they are taken with
+    ``topk`` and top-p applies among them (C × k, not a C × V sort). Top-p without top-k sorts the
+    chunk: the sort's values and int64 indices add ≈ 3 × C × V × 4 bytes, so those chunks are a
+    quarter of ``chunk_tokens``."""
+    full_sort = proc.top_k <= 0 and proc.top_p < 1.0
+    chunk = max(1, chunk_tokens // 4) if full_sort else chunk_tokens
     out_N = torch.empty(ids_N.shape[0], dtype=torch.float32, device=hidden_NH.device)
     for s in range(0, hidden_NH.shape[0], chunk):
         z_CV = _chunk_logits(hidden_NH[s: s + chunk], weight_VH, bias_V)
+        ids_C1 = ids_N[s: s + chunk, None]
         if proc.temperature != 1.0:
             z_CV.div_(proc.temperature)
         if proc.min_p > 0:
             p_CV = z_CV.softmax(dim=1)
             z_CV.masked_fill_(p_CV < proc.min_p * p_CV.amax(dim=1, keepdim=True), float("-inf"))
             del p_CV
-        if sorts:
-            z_sorted, idx = z_CV.sort(dim=1, descending=False)
-            V = z_sorted.shape[1]
-            if 0 < proc.top_k < V:
-                z_sorted.masked_fill_(z_sorted < z_sorted[:, V - proc.top_k: V - proc.top_k + 1], float("-inf"))
+        picked_C = z_CV.gather(1, ids_C1)[:, 0]
+        if 0 < proc.top_k < z_CV.shape[1]:
+            top_CK = z_CV.topk(proc.top_k, dim=1).values.flip(1)  # ascending, as vLLM sorts
             if proc.top_p < 1.0:
-                cum = z_sorted.softmax(dim=1).cumsum_(dim=1)
-                drop = cum <= 1 - proc.top_p
-                drop[:, -1] = False  # at least one token
-                z_sorted.masked_fill_(drop, float("-inf"))
-                del cum, drop
-            z_CV.scatter_(1, idx, z_sorted)
-            del z_sorted, idx
-        out_N[s: s + chunk] = z_CV.gather(1, ids_N[s: s + chunk, None])[:, 0] - z_CV.logsumexp(dim=1)
+                top_CK = top_CK.masked_fill(_top_p_drop(top_CK, proc.top_p), float("-inf"))
+            kept_min_C = torch.where(torch.isinf(top_CK), torch.full_like(top_CK, float("inf")), top_CK).amin(dim=1)
+            lse_C = top_CK.logsumexp(dim=1)
+            # the token is kept iff its logit reaches the smallest kept one (ties with it are kept, as in vLLM)
+            out_N[s: s + chunk] = torch.where(picked_C >= kept_min_C, picked_C - lse_C, float("-inf"))
+        else:
+            if full_sort:
+                z_sorted, idx = z_CV.sort(dim=1, descending=False)
+                z_CV.scatter_(1, idx, z_sorted.masked_fill_(_top_p_drop(z_sorted, proc.top_p), float("-inf")))
+                del z_sorted, idx
+                picked_C = z_CV.gather(1, ids_C1)[:, 0]
+            out_N[s: s + chunk] = picked_C - z_CV.logsumexp(dim=1)
         del z_CV
     return out_N
 

@@ -12,7 +12,8 @@ import pytest
 from configs.schema import ConfigError, check_paths, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+SHIPPED = sorted((REPO / "configs").glob("**/*.yaml"))
+CLUSTER = REPO / "configs" / "cluster"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
@@ -119,21 +120,51 @@ def test_dry_run_with_bad_config_exits_nonzero_before_any_actor():
 # -- datasets ---------------------------------------------------------------------------------
 
 
-def test_qwen3_user_config_dry_run_passes_and_names_missing_paths():
-    """The README's "Your own models and data" config: valid, planned on 8 GPUs; the cluster's paths
-    do not exist here and are reported, not fatal, in a dry run."""
-    out = subprocess.run([sys.executable, "scripts/train.py", "configs/qwen3_math_code.yaml", "--dry-run"], cwd=REPO,
+def _dry_run(config: Path) -> str:
+    out = subprocess.run([sys.executable, "scripts/train.py", str(config), "--dry-run"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "total                  cpus=16.5 gpus=8" in out.stdout
-    assert "train   deepmath" in out.stdout and "train   code" in out.stdout
-    assert "not found on this machine (checked again at launch): `student.path`" in out.stdout
-    cfg = load_config(REPO / "configs" / "qwen3_math_code.yaml")
+    return out.stdout
+
+
+@pytest.mark.parametrize("name,gpus,engines,learners", [("qwen3_1p7b_math_code_1node", 8, 6, 2),
+                                                        ("qwen3_1p7b_math_code_2node", 16, 12, 4)])
+def test_cluster_config_dry_run_plans_its_gpus_and_placement_groups(name, gpus, engines, learners):
+    """configs/cluster/: a Qwen3-1.7B student and two Qwen3-8B teachers on one and on two 8-GPU nodes.
+    Valid, planned GPU for GPU, one placement group per vLLM engine and one for the learner ranks; the
+    cluster's paths do not exist here and are reported, not fatal, in a dry run."""
+    out = _dry_run(CLUSTER / f"{name}.yaml")
+    assert out.split("  total ")[1].splitlines()[0].endswith(f"gpus={gpus}")
+    groups = [ln.split() for ln in out.split("placement groups")[1].split("domains")[0].splitlines()[1:] if ln.strip()]
+    assert len(groups) == engines + 1
+    assert all(g[1] == "STRICT_PACK" and "GPU: 1}]" in " ".join(g) for g in groups[:-1])
+    assert groups[-1][:2] == ["learner", "PACK"] and " ".join(groups[-1]).count("GPU: 1") == learners
+    assert "train   deepmath" in out and "train   code" in out
+    assert "not found on this machine (checked again at launch): `student.path`" in out
+    assert "temperature 0.6, top-p 0.95, top-k 20" in out and "nccl engine" in out
+    cfg = load_config(CLUSTER / f"{name}.yaml")
+    assert cfg.sampler.max_new_tokens == 8192 and cfg.max_prompt_tokens + 8192 <= cfg.sampler.max_model_len
     assert cfg.data.chat_template_kwargs == {"enable_thinking": True} and cfg.buffer.truncated == "mask"
-    assert cfg.max_prompt_tokens + cfg.sampler.max_new_tokens <= cfg.sampler.max_model_len
+    assert cfg.weight_sync.master_addr == "auto"
+
+
+def test_every_number_in_the_cluster_configs_is_explained():
+    """Each line of configs/cluster/ that sets a number carries a comment, or belongs to a block whose
+    header line has one (code_teacher: "the same engine settings as math_teacher")."""
+    import re
+
+    for path in CLUSTER.glob("*.yaml"):
+        lines = path.read_text().splitlines()
+        for i, ln in enumerate(lines):
+            if not re.search(r":\s*-?[0-9][0-9.e+-]*\s*(#.*)?$", ln) or "#" in ln:
+                continue
+            indent = len(ln) - len(ln.lstrip())
+            header = next(h for h in reversed(lines[:i]) if h.strip() and len(h) - len(h.lstrip()) < indent)
+            assert "#" in header, f"{path.name}:{i + 1}: `{ln.strip()}` has no comment, nor has its block"
 
 
 def test_teacher_gpus_must_match_tensor_parallel_size():
     with pytest.raises(ConfigError, match=r"`teachers.math_teacher.num_gpus` \(1\) must equal its "
                                           r"`tensor_parallel_size` \(2\)"):
-        load_config(REPO / "configs" / "qwen3_math_code.yaml", ["teachers.math_teacher.num_gpus=1"])
+        load_config(CLUSTER / "qwen3_1p7b_math_code_1node.yaml",
+                    ["teachers.math_teacher.num_gpus=1", "teachers.math_teacher.tensor_parallel_size=2"])
