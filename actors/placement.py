@@ -158,7 +158,8 @@ def spawn_actors(cfg: RunConfig, train_sources: Sequence[PromptSource] | list[Pr
         name: [_remote(Teacher, t.num_cpus, t.num_gpus, {**_SAMPLER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(t.kv_cache_gib)},
                        max_restarts=2, **_in(pg[f"teacher-{name}-{j}"], 0)).remote(
             name, t, top_k=top_k, max_model_len=t.max_model_len or s.max_model_len, max_new_tokens=s.max_new_tokens,
-            chaos_delay_s=cfg.chaos.teacher_delay_s, seed=cfg.run.seed + j) for j in range(t.replicas)]
+            chaos_delay_s=cfg.chaos.teacher_delay_s, seed=cfg.run.seed + j, weight_backend=cfg.weight_sync.backend)
+            for j in range(t.replicas)]
         for name, t in cfg.teachers.items()
     }
     verifier = _remote(Verifier, cfg.verifier.num_cpus, max_restarts=2).remote(cfg.domains)

@@ -8,7 +8,8 @@ computes the same processed log-probs for the SPEC §2 behaviour weight
 (learner/logprobs.py ``LogitProcessing``); raw log-probs would make the weight
 wrong at any temperature ≠ 1 or top-p < 1.
 
-New weights arrive through vLLM's weight-transfer API (learner/weight_sync.py):
+New weights arrive through vLLM's weight-transfer API (actors/weight_receiver.py,
+learner/weight_sync.py):
 the engine is built with ``weight_transfer_config`` (vLLM's ``nccl`` engine on GPUs,
 our ``gloo`` engine on CPU), the learner's trainer engine opens the group with
 ``init_weight_transfer_engine``, and each update runs ``start_weight_update`` /
@@ -27,19 +28,19 @@ import logging
 import os
 import random
 import time
-import uuid
 
 import numpy as np
 import ray
 
 from actors.concurrency import CONTROL
+from actors.weight_receiver import WeightReceiver, transfer_config
 from buffers.records import Prompt, Rollout
 from configs.schema import SamplerConfig
 
 log = logging.getLogger(__name__)
 
 
-class Sampler:
+class Sampler(WeightReceiver):
     def __init__(self, model_path: str, cfg: SamplerConfig, *, rank: int = 0, seed: int = 0,
                  chaos_delay_s: float = 0.0, weight_backend: str = "gloo") -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
@@ -47,11 +48,6 @@ class Sampler:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from transformers import AutoTokenizer
         from vllm import LLM
-        from vllm.config import WeightTransferConfig
-
-        from learner.weight_sync import register
-
-        register()  # the gloo engine (CPU); vLLM's own nccl engine needs nothing
 
         # Every layerwise reload logs "RotaryEmbedding: Failed to load weights": the rotary
         # cos/sin cache is not in the checkpoint, and vLLM keeps the (constant) cache it has.
@@ -70,15 +66,14 @@ class Sampler:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_prefix_caching=cfg.enable_prefix_caching,
             logprobs_mode="processed_logprobs",
-            weight_transfer_config=WeightTransferConfig(backend=weight_backend),
+            weight_transfer_config=transfer_config(weight_backend),
         )
         eos = self.tokenizer.eos_token_id
         self._stop_ids = sorted(set(cfg.stop_token_ids) | ({eos} if eos is not None else set()))
         self.refused = 0
-        self.version = 0
-        self._incarnation = uuid.uuid4().hex
         self._chaos = (random.Random(seed + 7919 * rank), chaos_delay_s)
-        self._update_info: dict | None = None
+        self._init_receiver()
+        self.label = f"sampler {rank}"
         self.busy_s = 0.0
 
     # -- generation -----------------------------------------------------------------------
@@ -158,46 +153,6 @@ class Sampler:
         """Greedy decoding for held-out accuracy, batched in one engine call (a refused prompt: "")."""
         outs = self._run(prompts, self._params(n=1, temperature=0.0))
         return ["" if o is None else o.outputs[0].text for o in outs]
-
-    # -- weights (vLLM's weight-transfer API; learner/weight_sync.py) --------------------------
-    def init_weight_transfer_engine(self, init_info: dict, update_info: dict) -> bool:
-        """Join the learner's transfer group (blocks until every member joins); ``update_info``
-        (parameter names, dtypes, shapes) is the same for every update and is kept for them."""
-        self.llm.init_weight_transfer_engine({"init_info": init_info})
-        self._update_info = update_info
-        return True
-
-    def receive_weights(self, version: int) -> float:
-        """One complete update from the learner, loaded in place, then the policy version is
-        ``version``; returns seconds spent. Runs after the generate call in progress."""
-        if self._update_info is None:
-            raise RuntimeError("receive_weights before init_weight_transfer_engine")
-        t0 = time.perf_counter()
-        self.llm.start_weight_update()
-        try:
-            self.llm.update_weights({"update_info": self._update_info})
-        except BaseException:
-            # vLLM's worker ends the update session itself and takes the next complete update (tested);
-            # the version stays, as these weights are partial: the driver stops the run, or re-forms
-            # the group and re-sends when a sampler restarted.
-            log.error("sampler %d: weight update to version %d failed; keeping version %d", self.rank, version,
-                      self.version)
-            raise
-        self.llm.finish_weight_update(weight_version=str(version))
-        self.llm.reset_prefix_cache()  # cached KV belongs to the old policy
-        self.version = version
-        dt = time.perf_counter() - t0
-        self.busy_s += dt
-        return dt
-
-    @ray.method(concurrency_group=CONTROL)
-    def incarnation(self) -> str:
-        """Changes when Ray restarts this actor (the driver then re-sends the weights)."""
-        return self._incarnation
-
-    @ray.method(concurrency_group=CONTROL)
-    def get_version(self) -> int:
-        return self.version
 
     def set_version(self, version: int) -> None:
         self.version = version

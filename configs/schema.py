@@ -174,6 +174,9 @@ class TeacherConfig(_Section):
     enforce_eager: bool = Field(True, description="No CUDA graphs (prefill-only scoring gains little from them).")
     micro_batch_size: int = Field(64, ge=1, description="Responses per scoring call into the engine (vLLM "
                                   "schedules them by its own token budget).")
+    follow_student: bool = Field(False, description="Self-distillation: this teacher is the student itself "
+                                 "(`path` = `student.path`) and takes every weight update of the learner, as the "
+                                 "samplers do (through vLLM's weight-transfer API).")
 
 
 class ModelConfig(_Section):
@@ -415,6 +418,10 @@ class RunConfig(_Section):
             raise ValueError(f"`weight_sync.backend` is {self.weight_sync.backend!r} with `sampler.num_gpus` "
                              f"{sp.num_gpus:g}: use nccl when the samplers hold GPUs, gloo when they run on CPU")
         for name, t in self.teachers.items():
+            if t.follow_student and Path(t.path).resolve() != Path(self.student.path).resolve():
+                raise ValueError(f"`teachers.{name}.follow_student` is true but its `path` ({t.path}) is not "
+                                 f"`student.path` ({self.student.path}): a teacher that takes the student's weight "
+                                 "updates must be the student's model")
             if t.num_gpus > 0 and t.num_gpus != t.tensor_parallel_size:
                 raise ValueError(f"`teachers.{name}.num_gpus` ({t.num_gpus:g}) must equal its `tensor_parallel_size` "
                                  f"({t.tensor_parallel_size}) on GPU nodes: one engine holds one GPU per shard")

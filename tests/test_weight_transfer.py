@@ -7,7 +7,8 @@ with our gloo engine, registered in vLLM's factories.
 At temperature 0.6 and top-p 0.95 (Qwen3's thinking settings) the sampler's behaviour log-probs and
 the learner's processed log-probs of the same tokens must agree within 1e-4 after each update
 (SPEC §2), the policy version must move once per completed update, and an update that cannot
-complete must fail within ``weight_sync.timeout_s``, naming the weight sync.
+complete must fail within ``weight_sync.timeout_s``, naming the weight sync. A teacher that is the
+student itself (``follow_student``) takes the same updates in the same group.
 """
 
 from __future__ import annotations
@@ -129,3 +130,42 @@ def test_an_update_that_cannot_complete_fails_in_time_naming_the_weight_sync(pai
     assert ray.get(s.get_version.remote(), timeout=30) == version + 1
     d, _ = _check(pair)
     assert d < 1e-4, f"after a failed update and a new group: processed log-probs differ by {d}"
+
+
+def test_a_student_following_teacher_takes_the_updates_with_the_samplers(pair, tiny_demo):
+    """Self-distillation: a Teacher with follow_student joins the group next to the sampler (its own
+    rank offset) and scores with the updated weights: its log-probs of the sampler's tokens equal the
+    learner's raw (temperature-1) ones after each update, and differ before it."""
+    from actors.concurrency import CONCURRENCY_GROUPS
+    from actors.teacher import Teacher
+    from buffers.records import VerifiedRollout
+    from configs.schema import TeacherConfig, WeightSyncConfig
+
+    ray, s, lr = pair["ray"], pair["sampler"], pair["learner"]
+    teacher = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Teacher).options(num_cpus=0.5).remote(
+        "self", TeacherConfig(path=str(tiny_demo / "student"), follow_student=True), max_model_len=64,
+        weight_backend="gloo")
+    try:
+        ws = WeightSyncConfig(backend="gloo", bucket_mb=0.02, timeout_s=60)
+        addr, port = ray.get(lr.weight_sync_address.remote("auto"), timeout=60)
+        ray.get(lr.init_weight_transfer.remote([s, teacher], [1, 1], ws, "float32", addr, port), timeout=120)
+        version = ray.get(s.get_version.remote(), timeout=30)
+
+        def teacher_vs_learner() -> float:
+            rollouts = [r for r in ray.get(s.generate.remote(pair["prompts"]), timeout=300) if r.response_ids]
+            scored = ray.get(teacher.score.remote([VerifiedRollout(r, False, "") for r in rollouts]), timeout=300)
+            raw = ray.get(lr.compute_logprobs.remote(_samples(rollouts)), timeout=300)
+            return max(float(np.max(np.abs(sc.teacher.logprobs_T - g))) for sc, g in zip(scored, raw))
+
+        for step in (1, 2):
+            v = version + step
+            if step == 2:
+                _step(pair)
+                assert teacher_vs_learner() > 1e-2, "premise: the step moved the learner away from the teacher"
+            ray.get([lr.send_weights.remote(v), s.receive_weights.remote(v), teacher.receive_weights.remote(v)],
+                    timeout=120)
+            assert ray.get([s.get_version.remote(), teacher.get_version.remote()], timeout=30) == [v, v]
+            diff = teacher_vs_learner()
+            assert diff < 1e-4, f"update {v}: the following teacher's log-probs differ from the learner's by {diff}"
+    finally:
+        ray.kill(teacher)

@@ -1,0 +1,86 @@
+"""The vLLM-engine side of learner → engine weight updates (learner/weight_sync.py).
+
+Mixed into every actor whose engine holds the student's weights: the samplers, and a teacher
+that is the student itself (``teachers.<name>.follow_student``, self-distillation). The engine
+is built with ``transfer_config(backend)``; the learner's trainer engine opens the group
+through ``init_weight_transfer_engine`` (every tensor-parallel worker of the engine joins), and
+each update runs vLLM's ``start_weight_update`` / ``update_weights`` / ``finish_weight_update``
+in one ``receive_weights`` task of this actor. One task, because a Ray actor runs calls of
+different callers in any order: the driver orders ``receive_weights`` after the generate (or
+score) call in progress, and nothing runs on half-loaded weights. A completed update sets the
+policy version; a failed one keeps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import ray
+
+from actors.concurrency import CONTROL
+
+log = logging.getLogger(__name__)
+
+
+def transfer_config(backend: str):
+    """vLLM's ``WeightTransferConfig`` for ``backend`` (``nccl``: vLLM's engine; ``gloo``: ours,
+    registered in vLLM's factory here and, through the package's ``vllm.general_plugins`` entry
+    point, in every worker process vLLM starts)."""
+    from vllm.config import WeightTransferConfig
+
+    from learner.weight_sync import register
+
+    register()
+    return WeightTransferConfig(backend=backend)
+
+
+class WeightReceiver:
+    """Needs ``self.llm`` (a ``vllm.LLM`` built with ``transfer_config``), ``self.busy_s`` and
+    ``self.label`` (for logs); owns ``version`` and the actor's incarnation id."""
+
+    version: int = 0
+    _update_info: dict | None = None
+
+    def _init_receiver(self) -> None:
+        self.version = 0
+        self._update_info = None
+        self._incarnation = uuid.uuid4().hex
+
+    def init_weight_transfer_engine(self, init_info: dict, update_info: dict) -> bool:
+        """Join the learner's transfer group (blocks until every member joins); ``update_info``
+        (parameter names, dtypes, shapes) is the same for every update and is kept for them."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+        self._update_info = update_info
+        return True
+
+    def receive_weights(self, version: int) -> float:
+        """One complete update from the learner, loaded in place; the policy version is then
+        ``version``. Returns seconds spent."""
+        if self._update_info is None:
+            raise RuntimeError(f"{self.label}: receive_weights before init_weight_transfer_engine")
+        t0 = time.perf_counter()
+        self.llm.start_weight_update()
+        try:
+            self.llm.update_weights({"update_info": self._update_info})
+        except BaseException:
+            # vLLM's worker ends the update session itself and takes the next complete update
+            # (tests/test_weight_transfer.py); the version stays, as these weights are partial.
+            log.error("%s: weight update to version %d failed; keeping version %d", self.label, version, self.version)
+            raise
+        self.llm.finish_weight_update(weight_version=str(version))
+        self.llm.reset_prefix_cache()  # cached KV belongs to the old weights
+        self.version = version
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        return dt
+
+    @ray.method(concurrency_group=CONTROL)
+    def incarnation(self) -> str:
+        """Changes when Ray restarts this actor (the driver then re-forms the group and re-sends)."""
+        return self._incarnation
+
+    @ray.method(concurrency_group=CONTROL)
+    def get_version(self) -> int:
+        return self.version
