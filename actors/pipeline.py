@@ -224,12 +224,13 @@ class Pipeline:
                 "learner": float(np.mean(vals[ns + nt:]))}
 
     # -- the loop ---------------------------------------------------------------------------
-    def train_loop(self, steps: int, on_step, start_step: int = 0) -> None:
+    def train_loop(self, steps: int, on_step, start_step: int = 0, stop=None) -> None:
         """Samplers, teachers, buffer and learner run concurrently; the learner trains as soon
         as B groups are ready; admission control in the buffer bounds the lag (SPEC §2).
         With max_lag = 0 this is exactly synchronous on-policy training.
 
-        ``on_step(step, metrics)`` is called after each step's weight sync."""
+        ``on_step(step, metrics)`` is called after each step's weight sync; the loop also ends when
+        ``stop()`` (checked after each step) is true."""
         a, cfg = self.a, self.cfg
         B, N = cfg.data.prompts_per_step, len(a.samplers)
         chunk = cfg.sampler.chunk_prompts or max(1, -(-B // N))
@@ -240,7 +241,7 @@ class Pipeline:
         t_train = t_sync = 0.0
         m: dict[str, float] = {}
         busy0, t_loop = self.busy_seconds(), time.perf_counter()
-        while step < steps:
+        while step < steps and not (stop is not None and stop()):
             load = [sum(1 for c in inflight if c.sampler == i) for i in range(N)]
             for i in sorted(range(N), key=lambda i: load[i]):  # feed samplers as far as admission allows
                 while load[i] < cfg.sampler.max_inflight_chunks:
@@ -531,9 +532,28 @@ def run(cfg: RunConfig) -> dict:
             log.info("held-out accuracy: teacher %s, student before %s", summary["accuracy"]["teacher"],
                      summary["accuracy"]["before"])
             writer.write(0, {f"accuracy/heldout/{d}": v for d, v in summary["accuracy"]["before"].items()})
-        totals = summary.setdefault("totals", {"samples": 0, "tokens": 0, "seconds": 0.0, "sync_s": []})
+        totals = summary.setdefault("totals", {"samples": 0, "tokens": 0, "seconds": 0.0, "sync_s": [],
+                                               "eval_s": 0.0})
+        totals.setdefault("eval_s", 0.0)
+        curve = summary.setdefault("curve", [])
+        if not curve and "before" in summary["accuracy"]:
+            curve.append({"train_s": 0.0, "step": 0, "responses": 0, "accuracy": summary["accuracy"]["before"]})
         t_loop = time.perf_counter()
         seconds0 = totals["seconds"]
+
+        def train_seconds() -> float:
+            """Seconds of this run's training so far, held-out evaluations excluded."""
+            return seconds0 + time.perf_counter() - t_loop - totals["eval_s"]
+
+        def evaluate(step: int) -> dict[str, float]:
+            t = time.perf_counter()
+            acc = pipe.evaluate_student(heldout)
+            curve.append({"train_s": round(train_seconds(), 3), "step": step, "responses": totals["samples"],
+                          "accuracy": acc})
+            totals["eval_s"] += time.perf_counter() - t
+            return acc
+
+        next_eval_s = [cfg.run.eval_every_s]
 
         def save_checkpoint(step: int) -> None:
             totals["seconds"] = seconds0 + time.perf_counter() - t_loop
@@ -547,12 +567,16 @@ def run(cfg: RunConfig) -> dict:
             m.update(batch_metrics)
             totals["samples"] += int(batch_metrics.get("batch/responses", 0))
             totals["tokens"] += int(batch_metrics.get("batch/tokens", 0))
-            elapsed = seconds0 + time.perf_counter() - t_loop
+            elapsed = train_seconds()
             m.update({"throughput/samples_per_s": totals["samples"] / elapsed,
                       "throughput/tokens_per_s": totals["tokens"] / elapsed, "policy/version": pipe.version,
                       **{f"buffer/{k}": float(v) for k, v in bstats.items()}})
-            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and heldout and step != cfg.run.steps:
-                m.update({f"accuracy/heldout/{d}": v for d, v in pipe.evaluate_student(heldout).items()})
+            due = (cfg.run.eval_every and step % cfg.run.eval_every == 0) or \
+                (cfg.run.eval_every_s and elapsed >= next_eval_s[0])
+            if due and heldout and step != cfg.run.steps and not out_of_time():
+                m.update({f"accuracy/heldout/{d}": v for d, v in evaluate(step).items()})
+                while cfg.run.eval_every_s and next_eval_s[0] <= elapsed:
+                    next_eval_s[0] += cfg.run.eval_every_s
             writer.write(step, m)
             writer.console(step, cfg.run.steps, m)
             summary["steps"] = step
@@ -566,21 +590,24 @@ def run(cfg: RunConfig) -> dict:
             if k and step % k == 0 and step != cfg.run.steps:
                 save_checkpoint(step)
 
+        def out_of_time() -> bool:
+            return cfg.run.time_budget_s is not None and train_seconds() >= cfg.run.time_budget_s
+
         try:
-            pipe.train_loop(cfg.run.steps, on_step, start_step=start_step)
+            pipe.train_loop(cfg.run.steps, on_step, start_step=start_step, stop=out_of_time)
         except StageError as e:
             last = checkpoint.latest_complete(run_dir)
             hint = (f"resume with `run.resume={run_dir}` (latest checkpoint: {last.name})" if last
                     else "no checkpoint was written yet (set learner.checkpoint_every)")
             raise StageError(f"{e}\nthe run stopped at step {summary['steps']}; {hint}") from e
-        elapsed = seconds0 + time.perf_counter() - t_loop
+        elapsed = train_seconds()
         summary["weight_sync_s_mean"] = float(np.mean(totals["sync_s"])) if totals["sync_s"] else 0.0
         summary["samples_per_s"] = totals["samples"] / elapsed
         summary["tokens_per_s"] = totals["tokens"] / elapsed
         summary["train_seconds"] = elapsed
         if heldout:
-            summary["accuracy"]["after"] = pipe.evaluate_student(heldout)
-            writer.write(cfg.run.steps, {f"accuracy/heldout/{d}": v for d, v in summary["accuracy"]["after"].items()})
+            summary["accuracy"]["after"] = evaluate(summary["steps"])
+            writer.write(summary["steps"], {f"accuracy/heldout/{d}": v for d, v in summary["accuracy"]["after"].items()})
             log.info("held-out accuracy after: %s (teacher %s)", summary["accuracy"]["after"],
                      summary["accuracy"].get("teacher"))
         save_checkpoint(summary["steps"])  # on clean shutdown

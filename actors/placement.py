@@ -19,6 +19,7 @@ placed by Ray (the buffer on the driver's node).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,11 +73,13 @@ def bundle_plan(cfg: RunConfig) -> list[BundleSet]:
     return sets
 
 
-def reserve(sets: list[BundleSet], timeout_s: float) -> dict[str, Any]:
-    """Create and wait for every placement group; name the ones the cluster cannot hold."""
+def reserve(sets: list[BundleSet], timeout_s: float, prefix: str = "") -> dict[str, Any]:
+    """Create and wait for every placement group; name the ones the cluster cannot hold. Ray's
+    group names are cluster-wide: ``prefix`` (run name + a random suffix) keeps two runs apart."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    groups = {bs.name: placement_group(list(bs.bundles), strategy=bs.strategy, name=bs.name) for bs in sets}
+    groups = {bs.name: placement_group(list(bs.bundles), strategy=bs.strategy, name=f"{prefix}{bs.name}")
+              for bs in sets}
     refs = {bs.name: groups[bs.name].ready() for bs in sets}
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
     if len(ready) < len(refs):
@@ -145,7 +148,7 @@ def _on_this_node() -> dict[str, Any]:
 
 def spawn_actors(cfg: RunConfig, train_sources: Sequence[PromptSource] | list[Prompt]) -> Actors:
     s = cfg.sampler
-    pg = reserve(bundle_plan(cfg), cfg.run.call_timeout_s)
+    pg = reserve(bundle_plan(cfg), cfg.run.call_timeout_s, prefix=f"{cfg.run.name}-{uuid.uuid4().hex[:8]}/")
     env = {**_SAMPLER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_gib)}
     samplers = [
         _remote(Sampler, s.num_cpus, s.num_gpus, env, max_restarts=2, **_in(pg[f"sampler-{i}"], 0)).remote(

@@ -39,6 +39,11 @@ class RunSection(_Section):
     )
     num_cpus: float = Field(4, gt=0, description="Logical CPUs of the embedded Ray (ignored when joining a cluster).")
     eval_every: int = Field(0, ge=0, description="Held-out greedy evaluation every N steps (0: only before and after).")
+    eval_every_s: float = Field(0, ge=0, description="Held-out evaluation every this many seconds of training, "
+                                "evaluations not counted (0: off); with eval_every, whichever comes first. The "
+                                "accuracy curve (training seconds, step, responses, accuracy) goes to summary.json.")
+    time_budget_s: float | None = Field(None, gt=0, description="Stop after this many seconds of training "
+                                        "(evaluations not counted), or at run.steps, whichever comes first.")
     resume: str | None = Field(None, description="Run directory to resume from (latest complete checkpoint).")
     call_timeout_s: float = Field(600, gt=0, description="Timeout for any remote call the driver waits on.")
     eval_teachers: bool = Field(True, description="Measure the teachers' held-out accuracy (the bar) before "

@@ -14,6 +14,15 @@ measured in this run, plus, per pipeline mode, the seconds each actor method ran
 (``cpu_busy_frac``, ``cpu_s_per_step``, from /proc/stat) to show where the time goes and
 what bounds it. ``sync_cpu_bound`` is the most any overlap could give on this machine: the
 synchronous step time over the time its own CPU work takes when spread over every core.
+
+``breakdown`` (per pipeline mode) accounts for every core-second of a step: the machine's
+cores × step time = idle + the CPU time of every process, sampled from /proc every 0.25 s
+and classified by process title (Ray names actor processes ``ray::<Class>``): per role
+(sampler, teacher, learner, verifier, buffer) the CPU spent inside its actor methods
+(``compute``: the methods' execution time from Ray's task events, capped at the process's
+CPU) and outside them (``ray_overhead``: argument/result serialisation, the core worker's
+threads, polling), the driver, Ray's own processes (raylet, GCS, agents, idle workers) and
+anything else on the machine (``other``). The parts add up to cores × step time.
 Held-out evaluation is switched off: only throughput counts.
 """
 
@@ -73,6 +82,90 @@ class CpuSampler:
             return None, None
         (_, b0, c0), (_, b1, c1) = inside[0], inside[-1]
         return b1 - b0, (b1 - b0) / (c1 - c0) if c1 > c0 else None
+
+
+ROLES = {"Sampler": "sampler", "Teacher": "teacher", "Learner": "learner", "Verifier": "verifier",
+         "ReplayBuffer": "buffer"}
+
+
+def _label(pid: int, title: str) -> str:
+    if pid == os.getpid():
+        return "driver"
+    if title.startswith("ray::"):
+        cls = title[5:].split(".", 1)[0].split(" ", 1)[0]
+        return ROLES.get(cls, "ray_system")
+    if any(k in title for k in ("raylet", "gcs_server", "/ray/", "ray/_private", "ray/dashboard")):
+        return "ray_system"
+    return "other"
+
+
+class ProcSampler:
+    """Every process's cumulative CPU seconds (user + system, children excluded) and its label,
+    every ``period`` seconds in a thread (psutil; Linux and macOS)."""
+
+    def __init__(self, period: float = 0.25) -> None:
+        import threading
+
+        self.period = period
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            snap: dict[int, tuple[str, float]] = {}
+            for p in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+                try:
+                    title = " ".join(p.info["cmdline"] or [])
+                    t = p.info["cpu_times"]
+                    snap[p.info["pid"]] = (_label(p.info["pid"], title), t.user + t.system)
+                except Exception:  # noqa: BLE001 - a process that ended between listing and reading
+                    continue
+            self.samples.append((time.time(), snap))
+            self._stop.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def cpu_by_label(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU seconds per label spent in [t0, t1]: per process, its last reading inside the window
+        minus its first (a process born inside the window counts from 0). A process keeps the label
+        it had most of the time (an idle Ray worker that became an actor is that actor)."""
+        inside = [snap for ts, snap in self.samples if t0 <= ts <= t1]
+        if len(inside) < 2:
+            return {}
+        first, labels, last = inside[0], {}, {}
+        for snap in inside:
+            for pid, (label, cpu) in snap.items():
+                labels.setdefault(pid, []).append(label)
+                last[pid] = cpu
+        out: dict[str, float] = {}
+        for pid, cpu in last.items():
+            names = [x for x in labels[pid] if x != "ray_system"] or labels[pid]
+            label = max(set(names), key=names.count)
+            out[label] = out.get(label, 0.0) + max(0.0, cpu - (first[pid][1] if pid in first else 0.0))
+        return out
+
+
+def breakdown(cpu_by_label: dict[str, float], task_s: dict[str, float], busy: float, steps: int,
+              step_s: float, cores: int) -> dict[str, float]:
+    """Core-seconds per step, adding up to cores × step_s (see the module docstring)."""
+    per_step = {k: v / steps for k, v in cpu_by_label.items()}
+    out: dict[str, float] = {}
+    for cls, role in ROLES.items():
+        proc = per_step.pop(role, 0.0)
+        methods = sum(v for k, v in task_s.items() if k.startswith(cls + "."))
+        out[f"{role}/compute"] = min(methods, proc)
+        out[f"{role}/ray_overhead"] = proc - out[f"{role}/compute"]
+    out["driver"] = per_step.pop("driver", 0.0)
+    out["ray_system"] = per_step.pop("ray_system", 0.0)
+    tracked = sum(out.values()) + sum(per_step.values())
+    out["other"] = max(0.0, busy / steps - tracked) + per_step.pop("other", 0.0)
+    out["idle"] = max(0.0, cores * step_s - busy / steps)
+    out["total (cores × step_s)"] = cores * step_s
+    return out
 
 
 def measure_ceiling(cfg, prompts, n_prompts: int) -> dict[str, float]:
@@ -136,7 +229,8 @@ def task_seconds(t0: float, t1: float, steps: int) -> dict[str, float]:
     return {k: v / steps for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v / steps >= 1e-3}
 
 
-def run_mode(config, overrides, name: str, steps: int, lag: int, cpu: CpuSampler) -> dict[str, float]:
+def run_mode(config, overrides, name: str, steps: int, lag: int, cpu: CpuSampler,
+             procs: ProcSampler) -> dict[str, float]:
     from actors.pipeline import run
     from configs.schema import load_config
 
@@ -149,9 +243,15 @@ def run_mode(config, overrides, name: str, steps: int, lag: int, cpu: CpuSampler
     t1 = time.time()
     window = training_window(t0, t1)
     busy, frac = cpu.between(*window) if window else (None, None)
-    return out | {"seconds": s["train_seconds"], "step_s": s["train_seconds"] / steps,
-                  "cpu_busy_frac": frac, "cpu_s_per_step": busy / steps if busy is not None else None,
-                  "task_s_per_step": task_seconds(t0, t1, steps)}
+    task_s = task_seconds(*window, 1) if window else {}
+    out |= {"seconds": s["train_seconds"], "step_s": s["train_seconds"] / steps,
+            "cpu_busy_frac": frac, "cpu_s_per_step": busy / steps if busy is not None else None,
+            "task_s_per_step": task_seconds(t0, t1, steps)}
+    if window and busy is not None:
+        wall = window[1] - window[0]
+        out["breakdown"] = breakdown(procs.cpu_by_label(*window), task_s, busy, steps, wall / steps,
+                                     os.cpu_count() or 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,14 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=cfg.run.ray_address) if cfg.run.ray_address else ray.init(
         num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False)
     modes: dict[str, dict[str, float]] = {}
-    cpu = CpuSampler()
+    cpu, procs = CpuSampler(), ProcSampler()
     try:
         modes["ceiling"] = measure_ceiling(cfg, prompts, args.steps * cfg.data.prompts_per_step)
-        modes["sync"] = run_mode(args.config, args.overrides, "sync", args.steps, 0, cpu)
+        modes["sync"] = run_mode(args.config, args.overrides, "sync", args.steps, 0, cpu, procs)
         for lag in args.lags:
-            modes[f"async_lag{lag}"] = run_mode(args.config, args.overrides, f"async_lag{lag}", args.steps, lag, cpu)
+            modes[f"async_lag{lag}"] = run_mode(args.config, args.overrides, f"async_lag{lag}", args.steps, lag,
+                                                cpu, procs)
     finally:
         cpu.stop()
+        procs.stop()
         ray.shutdown()
     cores = os.cpu_count() or 1
     sync = modes["sync"]
@@ -223,6 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in modes.items():
         if m.get("cpu_busy_frac") is not None:
             print(f"  {name:<12} busy {m['cpu_busy_frac']:.2f} of all cores, {m['cpu_s_per_step']:.2f} CPU-s per step")
+    rows = [m for m in modes if "breakdown" in modes[m]]
+    if rows:
+        keys = list(modes[rows[0]]["breakdown"])
+        print(f"\nwhere every core-second of a step goes ({cores} cores × step time; CPU-s per step):")
+        print(f"  {'':<28}" + "".join(f"{m:>14}" for m in rows))
+        for k in keys:
+            print(f"  {k:<28}" + "".join(f"{modes[m]['breakdown'][k]:>14.3f}" for m in rows))
     if sync_cpu_bound:
         print(f"sync_cpu_bound = {sync_cpu_bound:.2f}  (sync step time / its CPU work spread over {cores} cores: "
               "the most any overlap could give here)")

@@ -14,7 +14,7 @@ def test_lag_never_exceeds_max_lag_under_random_delays(max_lag, tiny_demo, ray_c
     import ray
 
     from actors.pipeline import Pipeline
-    from actors.placement import spawn_actors
+    from actors.placement import release, spawn_actors
     from actors.pipeline import load_data
     from configs.schema import load_config
 
@@ -43,5 +43,4 @@ def test_lag_never_exceeds_max_lag_under_random_delays(max_lag, tiny_demo, ray_c
             # with delays and several chunks in flight, the asynchronous loop does run ahead
             assert max(lags) >= 1, lags
     finally:
-        for h in actors.all():
-            ray.kill(h)
+        release(actors)  # kills the actors and frees their placement groups

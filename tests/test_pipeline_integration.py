@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pipeline(tiny_demo, ray_cluster, tmp_path_factory):
     from actors.pipeline import Pipeline
-    from actors.placement import spawn_actors
+    from actors.placement import release, spawn_actors
     from actors.pipeline import load_data
     from configs.schema import load_config
 
@@ -25,8 +25,7 @@ def pipeline(tiny_demo, ray_cluster, tmp_path_factory):
     pipe = Pipeline(cfg, actors)
     pipe.start()
     yield pipe
-    for h in actors.all():
-        ray_cluster.kill(h)
+    release(actors)  # kills the actors and frees their placement groups
 
 
 def _one_step(pipe):

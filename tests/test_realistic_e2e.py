@@ -86,7 +86,7 @@ def test_pipeline_pieces_on_the_realistic_fixture(cfg, fixture_dir, ray_cluster)
     from transformers import AutoModelForCausalLM
 
     from actors.pipeline import Pipeline, load_data
-    from actors.placement import spawn_actors
+    from actors.placement import release, spawn_actors
     from buffers.records import TrainSample
 
     actors = spawn_actors(cfg, load_data(cfg).train)
@@ -131,8 +131,7 @@ def test_pipeline_pieces_on_the_realistic_fixture(cfg, fixture_dir, ray_cluster)
         worst = max(float(np.max(np.abs(lp - r.behaviour_logprobs_T))) for r, lp in zip(fresh, learner_lp))
         assert fresh[0].policy_version == 1 and worst < 1e-4, worst
     finally:
-        for h in actors.all():
-            ray.kill(h)
+        release(actors)  # kills the actors and frees their placement groups
 
 
 def test_full_run_with_teacher_bar_and_its_cache(fixture_dir, tmp_path):

@@ -49,7 +49,7 @@ def test_killed_sampler_and_teacher_lose_no_prompt(tiny_demo, small_train, ray_c
     import ray
 
     from actors.pipeline import Pipeline
-    from actors.placement import spawn_actors
+    from actors.placement import release, spawn_actors
     from actors.pipeline import load_data
     from configs.schema import load_config
 
@@ -76,8 +76,7 @@ def test_killed_sampler_and_teacher_lose_no_prompt(tiny_demo, small_train, ray_c
         # the restarted sampler holds the learner's current weights
         assert ray.get([s.get_version.remote() for s in actors.samplers]) == [pipe.version] * 2
     finally:
-        for h in actors.all():
-            ray.kill(h)
+        release(actors)  # kills the actors and frees their placement groups
 
 
 def _train_cmd(tiny_demo, small_train, out_dir, *extra):
