@@ -529,7 +529,7 @@ def run(cfg: RunConfig) -> dict:
             if cfg.run.eval_teachers:
                 summary["accuracy"]["teacher"] = pipe.evaluate_teachers(heldout)
             summary["accuracy"]["before"] = pipe.evaluate_student(heldout)
-            log.info("held-out accuracy: teacher %s, student before %s", summary["accuracy"]["teacher"],
+            log.info("held-out accuracy: teacher %s, student before %s", summary["accuracy"].get("teacher"),
                      summary["accuracy"]["before"])
             writer.write(0, {f"accuracy/heldout/{d}": v for d, v in summary["accuracy"]["before"].items()})
         totals = summary.setdefault("totals", {"samples": 0, "tokens": 0, "seconds": 0.0, "sync_s": [],

