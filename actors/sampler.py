@@ -49,10 +49,6 @@ class Sampler(WeightReceiver):
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        # Every layerwise reload logs "RotaryEmbedding: Failed to load weights": the rotary
-        # cos/sin cache is not in the checkpoint, and vLLM keeps the (constant) cache it has.
-        # Harmless (the post-sync log-prob match is tested), and one line per step otherwise.
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         self.cfg, self.rank = cfg, rank
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.llm = LLM(

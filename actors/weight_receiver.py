@@ -24,6 +24,18 @@ from actors.concurrency import CONTROL
 log = logging.getLogger(__name__)
 
 
+class _RotaryReloadNoise(logging.Filter):
+    """Every layerwise reload logs "RotaryEmbedding: Failed to load weights": the rotary cos/sin
+    cache is not in the checkpoint and vLLM keeps the (constant) cache it has (the post-update
+    log-prob match is tested). Dropped; any other layer that fails to load is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.args and record.args[0] == "RotaryEmbedding")
+
+
+_ROTARY_FILTER = _RotaryReloadNoise()
+
+
 def transfer_config(backend: str):
     """vLLM's ``WeightTransferConfig`` for ``backend`` (``nccl``: vLLM's engine; ``gloo``: ours,
     registered in vLLM's factory here and, through the package's ``vllm.general_plugins`` entry
@@ -61,6 +73,9 @@ class WeightReceiver:
         if self._update_info is None:
             raise RuntimeError(f"{self.label}: receive_weights before init_weight_transfer_engine")
         t0 = time.perf_counter()
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        if _ROTARY_FILTER not in reload_log.filters:
+            reload_log.addFilter(_ROTARY_FILTER)
         self.llm.start_weight_update()
         try:
             self.llm.update_weights({"update_info": self._update_info})
