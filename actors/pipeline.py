@@ -112,7 +112,7 @@ def describe_plan(cfg: RunConfig) -> str:
     lines.append(f"weight sync: vLLM weight-transfer API, {ws.backend} engine, buckets of {ws.bucket_mb:g} MB, "
                  f"{ws.timeout_s:g} s deadline, learner rank 0 at {ws.master_addr}")
     lines.append(f"sampling: temperature {sp.temperature:g}, top-p {sp.top_p:g}, top-k {sp.top_k or 'off'}, min-p "
-                 f"{sp.min_p:g}; {sp.tensor_parallel_size} GPU(s) per engine (TP), "
+                 f"{sp.min_p:g}; tensor parallel {sp.tensor_parallel_size}, "
                  f"{'eager' if sp.enforce_eager else 'CUDA graphs'}, prefix caching "
                  f"{'on' if sp.enable_prefix_caching else 'off'}")
     return "\n".join(lines)

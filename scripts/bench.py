@@ -17,12 +17,13 @@ synchronous step time over the time its own CPU work takes when spread over ever
 
 ``breakdown`` (per pipeline mode) accounts for every core-second of a step: the machine's
 cores × step time = idle + the CPU time of every process, sampled from /proc every 0.25 s
-and classified by process title (Ray names actor processes ``ray::<Class>``): per role
-(sampler, teacher, learner, verifier, buffer) the CPU spent inside its actor methods
-(``compute``: the methods' execution time from Ray's task events, capped at the process's
-CPU) and outside them (``ray_overhead``: argument/result serialisation, the core worker's
-threads, polling), the driver, Ray's own processes (raylet, GCS, agents, idle workers) and
-anything else on the machine (``other``). The parts add up to cores × step time.
+and classified by process title (Ray names actor processes ``ray::<Class>``): the CPU of each
+role's actor processes (sampler, teacher, learner, verifier, buffer; their own work plus Ray's
+serialisation and core-worker threads in them, which /proc cannot tell apart), the driver,
+Ray's own processes (raylet, GCS, agents, idle workers) and anything else on the machine
+(``other``). The parts add up to cores × step time. ``method_wall`` (not part of the sum) is
+the wall time per step inside each role's actor methods (Ray's task events): where it exceeds
+the role's CPU, the role was waiting inside its methods (for a core, or in its engine).
 Held-out evaluation is switched off: only throughput counts.
 """
 
@@ -154,17 +155,16 @@ def breakdown(cpu_by_label: dict[str, float], task_s: dict[str, float], busy: fl
     """Core-seconds per step, adding up to cores × step_s (see the module docstring)."""
     per_step = {k: v / steps for k, v in cpu_by_label.items()}
     out: dict[str, float] = {}
-    for cls, role in ROLES.items():
-        proc = per_step.pop(role, 0.0)
-        methods = sum(v for k, v in task_s.items() if k.startswith(cls + "."))
-        out[f"{role}/compute"] = min(methods, proc)
-        out[f"{role}/ray_overhead"] = proc - out[f"{role}/compute"]
+    for role in ROLES.values():
+        out[role] = per_step.pop(role, 0.0)
     out["driver"] = per_step.pop("driver", 0.0)
     out["ray_system"] = per_step.pop("ray_system", 0.0)
     tracked = sum(out.values()) + sum(per_step.values())
     out["other"] = max(0.0, busy / steps - tracked) + per_step.pop("other", 0.0)
     out["idle"] = max(0.0, cores * step_s - busy / steps)
     out["total (cores × step_s)"] = cores * step_s
+    for cls, role in ROLES.items():
+        out[f"method_wall/{role}"] = sum(v for k, v in task_s.items() if k.startswith(cls + ".")) / steps
     return out
 
 
@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [m for m in modes if "breakdown" in modes[m]]
     if rows:
         keys = list(modes[rows[0]]["breakdown"])
-        print(f"\nwhere every core-second of a step goes ({cores} cores × step time; CPU-s per step):")
+        print(f"\nwhere every core-second of a step goes ({cores} cores × step time; CPU-s per step; the "
+              "method_wall rows are wall seconds inside each role's methods, not part of the sum):")
         print(f"  {'':<28}" + "".join(f"{m:>14}" for m in rows))
         for k in keys:
             print(f"  {k:<28}" + "".join(f"{modes[m]['breakdown'][k]:>14.3f}" for m in rows))
