@@ -150,9 +150,6 @@ class Sampler(WeightReceiver):
         outs = self._run(prompts, self._params(n=1, temperature=0.0))
         return ["" if o is None else o.outputs[0].text for o in outs]
 
-    def set_version(self, version: int) -> None:
-        self.version = version
-
     @ray.method(concurrency_group=CONTROL)
     def busy_seconds(self) -> float:
         """Seconds spent working (the driver turns deltas into idle fractions)."""

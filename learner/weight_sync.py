@@ -302,9 +302,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 pass
             return
         assert self.group is not None
-        info = GlooWeightTransferUpdateInfo(names=[m.name for m in meta],
-                                            dtype_names=[_dtype_name(m.dtype) for m in meta],
-                                            shapes=[list(m.shape) for m in meta])
+        info = GlooWeightTransferUpdateInfo(**update_info_of(meta))
         self.client.start_weight_update()
         exe = ThreadPoolExecutor(max_workers=1)
         try:
