@@ -1,4 +1,4 @@
-"""The driver: wires every actor and runs the Uni-OPD loop in one ``run()``.
+"""The driver: wires every actor and runs the Uni-OPD loop, one coroutine per role.
 
              admit (SPEC §2)                     per-domain teacher (SPEC §5)
     dataset ──▶ buffer ──prompts──▶ sampler ──▶ verifier ──▶ teacher[d] ──▶ buffer
@@ -7,16 +7,21 @@
                   │◀── balance §3.2 · calibrate §4 · lag check §2 ───────────────┘
                   └──TrainBatch──▶ learner (DeepSpeed) ──weights (gloo|nccl)──▶ samplers
 
-Data moves actor to actor as Ray object refs (sampler → verifier → teacher →
-buffer); only prompts (small) and metrics pass through this process. Every wait
-has a timeout naming its stage, every step checks that the actors are alive, and
-shutdown happens in ``finally``.
+Roles, each a loop of ``Pipeline.train_loop``:
+- rollout loops (``max_inflight_chunks`` per sampler): admit → generate → verify → score →
+  add. The buffer parks an admission until SPEC §2 allows it and releases groups in
+  admission order; the scored data goes actor to actor as Ray object refs, never through
+  this process.
+- the trainer loop: next batch → train → weight update → buffer version → metrics.
+The first loop that raises ends the run (shutdown in ``finally``); a sampler, verifier or
+teacher that dies is restarted by Ray and recovered here (its prompts requeued, the
+weight-sync group re-formed). Every wait has a deadline naming its stage.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -28,55 +33,21 @@ import numpy as np
 import ray
 
 from actors import checkpoint
+from actors.evaluation import evaluate_student, evaluate_teachers
 from actors.metrics import MetricsWriter
 from actors.placement import Actors, bundle_plan, release, resource_plan, spawn_actors
+from actors.progress import Progress, RunSummary
+from actors.stage import StageError, aget, get, wait_ready
 from actors.teacher import TeacherRouter
 from actors.vocab_check import check_tokenizers
 from buffers.dataset import LoadedSource, as_prompts, load_sources
 from buffers.formatting import resolve_chat_template
 from buffers.records import Prompt
 from configs.schema import ConfigError, RunConfig, check_paths, dump_config
-from learner.weight_sync import WeightSyncTimeout
 
 log = logging.getLogger("uniopd")
 
-
-class StageError(RuntimeError):
-    """A stage failed or timed out; the message names it. ``actor_died`` tells a dead actor
-    (recoverable for samplers and teachers) from a hang."""
-
-    def __init__(self, msg: str, actor_died: bool = False) -> None:
-        super().__init__(msg)
-        self.actor_died = actor_died
-
-
-def _get(refs, stage: str, timeout: float):
-    try:
-        return ray.get(refs, timeout=timeout)
-    except ray.exceptions.GetTimeoutError as e:
-        raise StageError(f"{stage}: no answer within {timeout:.0f}s (run.call_timeout_s); "
-                         "an actor is hung or the cluster lacks resources") from e
-    except ray.exceptions.RayActorError as e:
-        raise StageError(f"{stage}: an actor died: {str(e).splitlines()[0]}", actor_died=True) from e
-    except ray.exceptions.RayTaskError as e:
-        # A collective that timed out or lost a peer (learner/weight_sync.py): a stage failure
-        # the driver may recover from (a sampler died mid-sync), not a bug to re-raise as is.
-        if isinstance(e.cause, WeightSyncTimeout):
-            raise StageError(f"{stage}: {e.cause}") from e
-        raise
-
-
-def _wait_ready(handles: list, stage: str, timeout: float) -> None:
-    """Wait until every actor answers ``ready``, giving restarting actors time to come back."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _get([h.ready.remote() for h in handles], stage, max(1.0, deadline - time.monotonic()))
-            return
-        except StageError as e:
-            if not e.actor_died or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+__all__ = ["Pipeline", "StageError", "describe_plan", "load_data", "run"]
 
 
 def describe_plan(cfg: RunConfig) -> str:
@@ -119,7 +90,7 @@ def describe_plan(cfg: RunConfig) -> str:
 
 
 class Pipeline:
-    """Long-lived actors and the per-step body. Built once by ``run``."""
+    """The long-lived actors and one loop per role. Built once by ``run``."""
 
     def __init__(self, cfg: RunConfig, actors: Actors) -> None:
         self.cfg, self.a = cfg, actors
@@ -129,6 +100,8 @@ class Pipeline:
         self.faults = 0
         self.incarnations: list[str] = []
         self.sync_groups = 0  # weight-sync groups formed so far (a recovery forms a new one)
+        self._busy0: tuple[dict[str, float], float] | None = None
+        self._sync_lock, self._recover_lock = asyncio.Lock(), asyncio.Lock()
 
     def _following(self) -> list[tuple[str, object]]:
         """(teacher name, replica) of every teacher that is the student itself (``follow_student``)."""
@@ -141,289 +114,196 @@ class Pipeline:
         student-following teachers."""
         return self.a.samplers + [h for _, h in self._following()]
 
+    @property
+    def workers(self) -> list:
+        """The restartable actors: samplers, teacher replicas, the verifier."""
+        return self.a.samplers + [h for hs in self.a.teachers.values() for h in hs] + [self.a.verifier]
+
     # -- setup ---------------------------------------------------------------------------
     def start(self) -> None:
         a, t = self.a, self.timeout
-        _get([h.ready.remote() for h in a.samplers + [h for hs in a.teachers.values() for h in hs] + [a.verifier]],
-             "actor start-up (samplers, teachers, verifier)", t)
-        addr, port = _get(a.learners[0].dist_address.remote(), "learner address", t)
-        n_params = _get([lr.init_engine.remote(addr, port) for lr in a.learners], "learner DeepSpeed init", t)[0]
+        get([h.ready.remote() for h in self.workers], "actor start-up (samplers, teachers, verifier)", t)
+        addr, port = get(a.learners[0].dist_address.remote(), "learner address", t)
+        n_params = get([lr.init_engine.remote(addr, port) for lr in a.learners], "learner DeepSpeed init", t)[0]
         log.info("learner ready: %d parameters, world size %d", n_params, len(a.learners))
-        self.incarnations = _get([s.incarnation.remote() for s in self.receivers], "sampler identity", t)
+        self.incarnations = get([s.incarnation.remote() for s in self.receivers], "sampler identity", t)
         self._join_weight_sync()
 
     def _join_weight_sync(self) -> None:
         """Every learner rank builds its trainer-side transfer engine; rank 0 opens the group at its
         node's address ("auto") and has every sampler engine's workers (TP ranks) join it."""
         a, ws = self.a, self.cfg.weight_sync
-        addr, port = _get(a.learners[0].weight_sync_address.remote(ws.master_addr), "weight sync address",
-                          self.timeout)
+        addr, port = get(a.learners[0].weight_sync_address.remote(ws.master_addr), "weight sync address",
+                         self.timeout)
         tp = [self.cfg.sampler.tensor_parallel_size] * len(a.samplers) + \
              [self.cfg.teachers[name].tensor_parallel_size for name, _ in self._following()]
         refs = [lr.init_weight_transfer.remote(self.receivers, tp, ws, self.cfg.sampler.dtype, addr, port)
                 for lr in a.learners]
-        _get(refs, "weight sync group set-up", ws.timeout_s + 30)
+        get(refs, "weight sync group set-up", ws.timeout_s + 30)
         self.sync_groups += 1
 
-    # -- the stages, each launched without waiting ----------------------------------------
+    # -- the stages ---------------------------------------------------------------------------
     def produce_on(self, i: int, prompts: list[Prompt]) -> list:
-        """sampler i → verifier → teacher[domain] chains; returns the teacher's scored refs.
-
-        One generate call per domain, so each chain's rollouts go to one teacher without
-        passing through this process. The caller hands each scored ref to ``buffer.add``
-        only once it is ready: Ray runs one caller's actor calls in submission order, so an
-        ``add`` waiting on its chain would hold back every later buffer call of this driver
-        (``admit``, ``num_ready``, ``get_batch``) until that chain finished. Measured
-        before this change (Ray task timeline, η = 2): training never overlapped generation,
-        because each step's ``get_batch`` queued behind the adds of the chunks just admitted."""
-        a = self.a
+        """Launch sampler i → verifier → teacher[domain] chains for ``prompts``, one generate call
+        per domain so each chain's rollouts go to one teacher; returns the teachers' scored refs
+        (for ``buffer.add_chain``) without waiting."""
         by_dom: dict[str, list[Prompt]] = defaultdict(list)
         for p in prompts:
             by_dom[p.domain].append(p)
         refs = []
         for dom, ps in sorted(by_dom.items()):
-            rollouts = a.samplers[i].generate.remote(ps)
-            verified = a.verifier.verify.remote(rollouts)
+            rollouts = self.a.samplers[i].generate.remote(ps)
+            verified = self.a.verifier.verify.remote(rollouts)
             refs.append(self.router.pick(dom).score.remote(verified))
         return refs
 
-    def produce(self, prompts: list[Prompt]) -> list:
-        """Spread ``prompts`` over all samplers and add the results to the buffer (tests and
-        evaluation-style calls); returns the buffer.add refs."""
-        k = len(self.a.samplers)
-        return [self.a.buffer.add.remote(r) for i in range(k) if prompts[i::k]
-                for r in self.produce_on(i, prompts[i::k])]
-
-    def launch_train(self, batch_ref) -> list:
-        return [lr.train_step.remote(batch_ref) for lr in self.a.learners]
-
-    def launch_sync(self, version: int) -> list:
-        """Learner rank 0 broadcasts; each sampler takes the weights after its generate call in
+    def send_weights(self, version: int) -> list:
+        """Learner rank 0 broadcasts; each receiver takes the weights after its generate call in
         progress (pause at a request boundary, not an in-flight swap: the in-process vLLM engine
         is not thread-safe, and a response generated by one policy version keeps its behaviour
         log-probs and lag exact)."""
         refs = [lr.send_weights.remote(version) for lr in self.a.learners]
         return refs + [s.receive_weights.remote(version) for s in self.receivers]
 
-    def train_on(self, batch_ref) -> dict[str, float]:
-        """Train on one batch and broadcast, waiting for both (the synchronous form)."""
-        per_rank = _get(self.launch_train(batch_ref), "learner train step", self.timeout)
+    async def sync_weights(self) -> dict[str, float]:
+        """Send the current version to every receiver. A receiver that died mid-sync is recovered
+        (the group re-formed, the weights re-sent); any other failure (the learner, a hang) stops
+        the run."""
+        async with self._sync_lock:
+            group = self.sync_groups
+            try:
+                return (await aget(self.send_weights(self.version), "weight sync (broadcast learner → samplers)",
+                                   self.cfg.weight_sync.timeout_s + 30))[0]
+            except StageError as e:
+                await aget([lr.ready.remote() for lr in self.a.learners], "learner (after a failed weight sync)",
+                           self.timeout)
+                failure = str(e)
+        # a recovery since this sync began already re-sent the current version to everyone
+        if self.sync_groups == group and not await self.recover(failure):
+            raise StageError(failure)
+        return {"weight_sync/seconds": 0.0, "weight_sync/bytes": 0.0}
+
+    async def train_and_sync(self, batch_ref) -> dict[str, float]:
+        """One learner step on ``batch_ref`` (every rank), then the new weights to every receiver,
+        then the buffer's version (which widens admission by B, SPEC §2)."""
+        t = time.perf_counter()
+        m = _learner_metrics(await aget([lr.train_step.remote(batch_ref) for lr in self.a.learners],
+                                        "learner train step", self.timeout))
+        m["time/train_s"], t = time.perf_counter() - t, time.perf_counter()
         self.version += 1
-        res = _get(self.launch_sync(self.version), "weight sync (broadcast learner → samplers)",
-                   self.cfg.weight_sync.timeout_s + 30)
-        _get(self.a.buffer.set_version.remote(self.version), "buffer version update", self.timeout)
-        return {**_learner_metrics(per_rank), **res[0]}
+        m.update(await self.sync_weights())
+        m["time/sync_wait_s"] = time.perf_counter() - t
+        await aget(self.a.buffer.set_version.remote(self.version), "buffer version update", self.timeout)
+        return m
 
-    def busy_seconds(self) -> dict[str, float]:
-        a = self.a
-        teachers = [h for hs in a.teachers.values() for h in hs]
-        vals = _get([h.busy_seconds.remote() for h in a.samplers + teachers + a.learners], "busy-time read",
-                    self.timeout)
-        ns, nt = len(a.samplers), len(teachers)
-        return {"sampler": float(np.mean(vals[:ns])), "teacher": float(np.mean(vals[ns: ns + nt])),
-                "learner": float(np.mean(vals[ns + nt:]))}
+    # -- one loop per role ----------------------------------------------------------------------
+    async def rollout_loop(self, i: int) -> None:
+        """admit → generate → verify → score → add, on sampler i, until admission closes."""
+        cfg = self.cfg
+        chunk = cfg.sampler.chunk_prompts or max(1, -(-cfg.data.prompts_per_step // len(self.a.samplers)))
+        while prompts := await self.a.buffer.admit_wait.remote(chunk):
+            added = self.a.buffer.add_chain.remote([p.uid for p in prompts], self.produce_on(i, prompts))
+            failure = await aget(added, f"rollout on sampler {i} (sample → verify → teacher → buffer)",
+                                 self.timeout)
+            if failure:  # the buffer requeued the chunk's unfinished prompts
+                await self.recover(f"rollout on sampler {i}: {failure}")
 
-    # -- the loop ---------------------------------------------------------------------------
-    def train_loop(self, steps: int, on_step, start_step: int = 0, stop=None) -> None:
-        """Samplers, teachers, buffer and learner run concurrently; the learner trains as soon
-        as B groups are ready; admission control in the buffer bounds the lag (SPEC §2).
-        With max_lag = 0 this is exactly synchronous on-policy training.
-
-        ``on_step(step, metrics)`` is called after each step's weight sync; the loop also ends when
-        ``stop()`` (checked after each step) is true."""
-        a, cfg = self.a, self.cfg
-        B, N = cfg.data.prompts_per_step, len(a.samplers)
-        chunk = cfg.sampler.chunk_prompts or max(1, -(-B // N))
-        inflight: list[_Chunk] = []
-        train_refs: list = []
-        sync_refs: list = []
-        step = start_step
-        t_train = t_sync = 0.0
-        m: dict[str, float] = {}
-        busy0, t_loop = self.busy_seconds(), time.perf_counter()
+    async def trainer_loop(self, steps: int, on_step, step: int, stop) -> None:
+        """next batch → train → weight update → buffer version → metrics, until ``steps`` or ``stop()``."""
         while step < steps and not (stop is not None and stop()):
-            load = [sum(1 for c in inflight if c.sampler == i) for i in range(N)]
-            for i in sorted(range(N), key=lambda i: load[i]):  # feed samplers as far as admission allows
-                while load[i] < cfg.sampler.max_inflight_chunks:
-                    prompts = _get(a.buffer.admit.remote(chunk), "buffer admission", self.timeout)
-                    if not prompts:
-                        break
-                    inflight.append(_Chunk(i, prompts, self.produce_on(i, prompts)))
-                    load[i] += 1
-            if not train_refs and not sync_refs:
-                if _get(a.buffer.num_ready.remote(), "buffer", self.timeout) >= B:
-                    batch_ref = a.buffer.get_batch.remote()
-                    train_refs, t_train = self.launch_train(batch_ref), time.perf_counter()
-            waiting = [r for c in inflight for r in c.waiting()] + train_refs + sync_refs
-            if not waiting:
-                raise StageError("pipeline stalled: nothing in flight and no batch ready (admission "
-                                 "control admits no prompt); check data.prompts_per_step and buffer.max_lag")
-            done, _ = ray.wait(waiting, num_returns=1, timeout=self.timeout)
-            if not done:
-                raise StageError(f"no stage finished within {self.timeout:.0f}s (run.call_timeout_s): "
-                                 f"{len(inflight)} rollout chunks, train={bool(train_refs)}, sync={bool(sync_refs)}")
-            still, failed = [], []
-            in_order = True  # chunks hand over in admission order (see _Chunk.add_ready)
-            for c in inflight:
-                in_order = in_order and c.add_ready(a.buffer)
-                if c.scored or len(ray.wait(c.added, num_returns=len(c.added), timeout=0)[0]) < len(c.added):
-                    still.append(c)
-                    continue
-                try:
-                    _get(c.added, f"rollout on sampler {c.sampler} (sample → verify → teacher → buffer)",
-                         self.timeout)
-                except StageError as e:
-                    if not e.actor_died:
-                        raise
-                    failed.append((c.prompts, str(e)))
-            inflight = still
-            if failed:
-                # a sampler, verifier or teacher died: its chunk goes back to the queue (the buffer
-                # only requeues prompts whose group did not complete), Ray restarts the actor
-                for prompts, _ in failed:
-                    _get(a.buffer.requeue.remote(prompts), "requeue after failure", self.timeout)
-                self.recover(failed[0][1])
-            if train_refs and len(ray.wait(train_refs, num_returns=len(train_refs), timeout=0)[0]) == len(train_refs):
-                m = _learner_metrics(_get(train_refs, "learner train step", self.timeout))
-                m["time/train_s"] = time.perf_counter() - t_train
-                self.version += 1
-                train_refs, sync_refs, t_sync = [], self.launch_sync(self.version), time.perf_counter()
-                sync_group = self.sync_groups
-            if sync_refs and len(ray.wait(sync_refs, num_returns=len(sync_refs), timeout=0)[0]) == len(sync_refs):
-                try:
-                    res = _get(sync_refs, "weight sync (broadcast learner → samplers)",
-                               cfg.weight_sync.timeout_s + 30)
-                except StageError as e:
-                    # a sampler that died mid-sync: the group is re-formed and the weights re-sent;
-                    # if a recovery already did that since this sync began (a failed rollout was
-                    # seen first), the current version is on every sampler; any other sync
-                    # failure (the learner, a hang) stops the run
-                    _get([lr.ready.remote() for lr in a.learners], "learner (after a failed weight sync)",
-                         self.timeout)
-                    if self.sync_groups == sync_group and not self.recover(str(e)):
-                        raise
-                    res = [{"weight_sync/seconds": 0.0, "weight_sync/bytes": 0.0}]
-                _get(a.buffer.set_version.remote(self.version), "buffer version update", self.timeout)
-                sync_refs = []
-                step += 1
-                m.update(res[0])
-                m["time/sync_wait_s"] = time.perf_counter() - t_sync
-                self.check_alive()
-                busy, wall = self.busy_seconds(), time.perf_counter() - t_loop
-                for role in ("sampler", "teacher", "learner"):
-                    m[f"{role}/idle_frac"] = max(0.0, 1.0 - (busy[role] - busy0[role]) / wall)
-                m["faults/actor_failures"] = float(self.faults)
-                on_step(step, m)
+            batch_ref, info_ref = self.a.buffer.next_batch.remote()
+            t = time.perf_counter()
+            info = await aget(info_ref, "buffer (waiting for a batch of data.prompts_per_step complete groups)",
+                              self.timeout)
+            if step + 1 == steps:  # the last step: no chunk should start that no step trains on
+                await aget(self.a.buffer.close_admission.remote(), "buffer", self.timeout)
+            m = {**info, "time/batch_wait_s": time.perf_counter() - t, **await self.train_and_sync(batch_ref)}
+            step += 1
+            t = time.perf_counter()
+            await self.check_alive()
+            m["time/liveness_s"] = time.perf_counter() - t
+            m.update(await self.idle_fractions())
+            m["faults/actor_failures"] = float(self.faults)
+            on_step(step, m)
 
-    def recover(self, what: str) -> bool:
-        """After a sampler, verifier or teacher died: wait for Ray to restart it. A restarted sampler
-        left the weight-sync group and holds the initial weights, so the group is formed again
-        and the current weights are broadcast before it generates. Returns whether a sampler
-        had restarted."""
-        self.faults += 1
-        a = self.a
-        teachers = [h for hs in a.teachers.values() for h in hs]
-        _wait_ready(a.samplers + teachers + [a.verifier], f"restart after failure ({what})", self.timeout)
-        now = _get([s.incarnation.remote() for s in self.receivers], "sampler identity", self.timeout)
-        if now == self.incarnations:
-            log.warning("recovered from %s: its prompts were requeued", what)
-            return False
-        log.warning("sampler restarted (%s): re-forming the weight-sync group, re-sending version %d",
-                    what, self.version)
-        self.incarnations = now
-        self._join_weight_sync()
-        _get(self.launch_sync(self.version), "weight sync to a restarted sampler", self.cfg.weight_sync.timeout_s + 30)
-        return True
+    def train_loop(self, steps: int, on_step, start_step: int = 0, stop=None) -> None:
+        """Run the loops until the trainer has done ``steps`` steps (or ``stop()`` is true after a step).
+        With buffer.max_lag = 0 this is exactly synchronous on-policy training.
 
-    def check_alive(self) -> None:
-        """Every actor answers. A sampler, teacher or verifier that died is restarted by Ray and
-        recovered here; a dead buffer or learner stops the run."""
-        a = self.a
-        _get([a.buffer.ready_flag.remote()] + [lr.ready.remote() for lr in a.learners], "liveness check (buffer, "
-             "learner)", self.timeout)
-        teachers = [h for hs in a.teachers.values() for h in hs]
+        ``on_step(step, metrics)`` is called after each step's weight sync."""
+        asyncio.run(self._run_loops(steps, on_step, start_step, stop))
+
+    async def _run_loops(self, steps: int, on_step, start_step: int, stop) -> None:
+        self._sync_lock, self._recover_lock = asyncio.Lock(), asyncio.Lock()
+        await aget(self.a.buffer.open_admission.remote(), "buffer", self.timeout)
+        self._busy0 = (await self.busy_seconds(), time.perf_counter())
+        trainer = asyncio.create_task(self.trainer_loop(steps, on_step, start_step, stop), name="trainer")
+        rollouts = [asyncio.create_task(self.rollout_loop(i), name=f"rollout loop of sampler {i}")
+                    for i in range(len(self.a.samplers)) for _ in range(self.cfg.sampler.max_inflight_chunks)]
         try:
-            _get([h.ready.remote() for h in a.samplers + teachers + [a.verifier]], "liveness check", self.timeout)
-            if _get([s.incarnation.remote() for s in self.receivers], "sampler identity", self.timeout) \
-                    == self.incarnations:
+            pending = {trainer, *rollouts}
+            while trainer in pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    t.result()  # the first loop that raises ends the run
+        finally:
+            # parked admissions return no prompts; chunks still in flight land in the buffer on their own
+            # (complete groups are kept, and a checkpoint requeues the prompts of unfinished ones)
+            self.a.buffer.close_admission.remote()
+            for t in rollouts:
+                t.cancel()
+            await asyncio.gather(*rollouts, return_exceptions=True)
+
+    # -- health -------------------------------------------------------------------------------
+    async def recover(self, what: str) -> bool:
+        """After a sampler, verifier or teacher died: wait for Ray to restart it. A restarted receiver
+        left the weight-sync group and holds the initial weights, so the group is formed again and
+        the current weights are sent before it generates. Returns whether a receiver had restarted."""
+        self.faults += 1
+        async with self._recover_lock:
+            await wait_ready(self.workers, f"restart after failure ({what})", self.timeout)
+            async with self._sync_lock:
+                now = await aget([s.incarnation.remote() for s in self.receivers], "sampler identity", self.timeout)
+                if now == self.incarnations:
+                    log.warning("recovered from %s: its prompts were requeued", what)
+                    return False
+                log.warning("sampler restarted (%s): re-forming the weight-sync group, re-sending version %d",
+                            what, self.version)
+                self.incarnations = now
+                await asyncio.to_thread(self._join_weight_sync)
+                await aget(self.send_weights(self.version), "weight sync to a restarted sampler",
+                           self.cfg.weight_sync.timeout_s + 30)
+                return True
+
+    async def check_alive(self) -> None:
+        """Every actor answers (control-plane calls, not queued behind work). A sampler, teacher or
+        verifier that died is restarted by Ray and recovered here; a dead buffer or learner stops the run."""
+        a = self.a
+        await aget([a.buffer.ready_flag.remote()] + [lr.ready.remote() for lr in a.learners],
+                   "liveness check (buffer, learner)", self.timeout)
+        try:
+            await aget([h.ready.remote() for h in self.workers], "liveness check", self.timeout)
+            if await aget([s.incarnation.remote() for s in self.receivers], "sampler identity",
+                          self.timeout) == self.incarnations:
                 return
         except StageError as e:
             if not e.actor_died:
                 raise
-        self.recover("an actor restarted")
+        await self.recover("an actor restarted")
 
-    # -- evaluation --------------------------------------------------------------------------
-    def evaluate_student(self, prompts: list[Prompt]) -> dict[str, float]:
-        """Greedy held-out accuracy of the student, batched through the samplers' vLLM engines."""
-        a = self.a
-        k = len(a.samplers)
-        parts = [prompts[j::k] for j in range(k)]
-        texts_parts = _get([s.generate_greedy.remote(p) for s, p in zip(a.samplers, parts) if p],
-                           "held-out evaluation (student)", self.cfg.run.eval_timeout_s)
-        ordered = [p for part in parts if part for p in part]
-        texts = [t for part in texts_parts for t in part]
-        return self._accuracy(ordered, texts)
+    async def busy_seconds(self) -> dict[str, float]:
+        teachers = [h for hs in self.a.teachers.values() for h in hs]
+        vals = await aget([h.busy_seconds.remote() for h in self.a.samplers + teachers + self.a.learners],
+                          "busy-time read", self.timeout)
+        ns, nt = len(self.a.samplers), len(teachers)
+        return {"sampler": float(np.mean(vals[:ns])), "teacher": float(np.mean(vals[ns: ns + nt])),
+                "learner": float(np.mean(vals[ns + nt:]))}
 
-    def evaluate_teachers(self, prompts: list[Prompt]) -> dict[str, float]:
-        """The bar: each domain's teacher on its held-out prompts, batched through the teacher's own
-        vLLM engine, cached per (teacher, held-out set) under ``<output_dir>/.eval_cache``."""
-        by_dom: dict[str, list[Prompt]] = defaultdict(list)
-        for p in prompts:
-            by_dom[p.domain].append(p)
-        out: dict[str, float] = {}
-        todo = []
-        for d in sorted(by_dom):
-            path = _eval_cache_path(self.cfg, d, by_dom[d])
-            if path.is_file():
-                out[d] = json.loads(path.read_text())["accuracy"]
-                log.info("teacher bar for %s from cache %s: %.3f", d, path, out[d])
-            else:
-                todo.append((d, path))
-        if todo:
-            texts = _get([self.router.pick(d).generate_greedy.remote(by_dom[d]) for d, _ in todo],
-                         "held-out evaluation (teachers)", self.cfg.run.eval_timeout_s)
-            for (d, path), t in zip(todo, texts):
-                out[d] = self._accuracy(by_dom[d], t)[d]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"domain": d, "teacher": self.cfg.domains[d].teacher, "accuracy": out[d],
-                                            "prompts": len(by_dom[d])}))
-        return dict(sorted(out.items()))
-
-    def _accuracy(self, prompts: list[Prompt], texts: list[str]) -> dict[str, float]:
-        ok = _get(self.a.verifier.grade_many.remote(texts, prompts), "held-out grading", self.timeout)
-        acc: dict[str, list[bool]] = defaultdict(list)
-        for p, c in zip(prompts, ok):
-            acc[p.domain].append(c)
-        return {d: float(np.mean(v)) for d, v in sorted(acc.items())}
-
-
-class _Chunk:
-    """One admitted chunk of prompts on its way through sampler i → verifier → teacher →
-    buffer: ``scored`` holds the teacher refs not yet handed to the buffer, ``added`` the
-    ``buffer.add`` refs (see ``Pipeline.produce_on`` for why the hand-over waits)."""
-
-    def __init__(self, sampler: int, prompts: list[Prompt], scored: list) -> None:
-        self.sampler, self.prompts, self.scored, self.added = sampler, prompts, list(scored), []
-
-    def waiting(self) -> list:
-        return self.scored + self.added
-
-    def add_ready(self, buffer) -> bool:
-        """Hand the finished teacher results to the buffer in admission order: the leading
-        ones that are done (a failed one too: its add fails with the same actor error, which
-        the loop then recovers from). Returns whether all were handed over.
-
-        Order matters for SPEC §2: the buffer batches groups first-come, and admission
-        control bounds the lag only if groups become ready in the order they were admitted
-        (a later chunk overtaking an earlier one would push the earlier into a later batch)."""
-        if self.scored:
-            done = set(ray.wait(self.scored, num_returns=len(self.scored), timeout=0)[0])
-            k = 0
-            while k < len(self.scored) and self.scored[k] in done:
-                k += 1
-            self.added += [buffer.add.remote(r) for r in self.scored[:k]]
-            self.scored = self.scored[k:]
-        return not self.scored
+    async def idle_fractions(self) -> dict[str, float]:
+        """Per role, the fraction of the loop's wall time its actors spent outside their work methods."""
+        (busy0, t0), busy = self._busy0, await self.busy_seconds()
+        wall = time.perf_counter() - t0
+        return {f"{r}/idle_frac": max(0.0, 1.0 - (busy[r] - busy0[r]) / wall) for r in ("sampler", "teacher", "learner")}
 
 
 # Each rank reports its share of these (loss terms are already divided by the global response
@@ -436,18 +316,6 @@ def _learner_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     keep = ("loss", "mismatch_kl")
     return {k if k in keep else f"learner/{k}":
             float((np.sum if k in _SUMMED_OVER_RANKS else np.mean)([r[k] for r in per_rank])) for k in per_rank[0]}
-
-
-def _eval_cache_path(cfg: RunConfig, domain: str, prompts: list[Prompt]) -> Path:
-    """Key: the teacher's weights (file names, sizes, mtimes), the held-out prompts' ids and tokens, the
-    generation length and the domain's verifier."""
-    teacher = cfg.teachers[cfg.domains[domain].teacher]
-    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(teacher.path).glob("*")
-                     if f.suffix in (".safetensors", ".bin", ".pt"))
-    h = hashlib.sha256(json.dumps([str(Path(teacher.path).resolve()), weights, cfg.sampler.max_new_tokens,
-                                   cfg.domains[domain].verifier.model_dump(), sorted(cfg.sampler.stop),
-                                   [(p.id, p.prompt_ids, p.answer, p.tests) for p in prompts]]).encode())
-    return Path(cfg.run.output_dir) / ".eval_cache" / f"{domain}-{h.hexdigest()[:20]}.json"
 
 
 @dataclass
@@ -472,164 +340,138 @@ def load_data(cfg: RunConfig) -> RunData:
     return RunData(train, heldout, chat)
 
 
-def run(cfg: RunConfig) -> dict:
-    """Validate inputs, start Ray and the actors, train ``run.steps`` steps (resuming from the
-    latest complete checkpoint when ``run.resume`` names a run directory), write the summary."""
-    check_paths(cfg)
-    data = load_data(cfg)
-    heldout = data.heldout
-    run_dir = Path(cfg.run.resume) if cfg.run.resume else cfg.run_dir
-    ckpt = None
-    if cfg.run.resume:
-        ckpt = checkpoint.latest_complete(run_dir)
-        if ckpt is None:
-            raise ConfigError(f"`run.resume` is {cfg.run.resume!r}: no complete checkpoint under "
-                              f"{checkpoint.root(run_dir)}; start a new run instead")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+def _run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
+    """The run's directory and, when ``run.resume`` names one, its latest complete checkpoint."""
+    if not cfg.run.resume:
+        return cfg.run_dir, None
+    run_dir = Path(cfg.run.resume)
+    ckpt = checkpoint.latest_complete(run_dir)
+    if ckpt is None:
+        raise ConfigError(f"`run.resume` is {cfg.run.resume!r}: no complete checkpoint under "
+                          f"{checkpoint.root(run_dir)}; start a new run instead")
+    return run_dir, ckpt
+
+
+@contextlib.contextmanager
+def _ray_cluster(cfg: RunConfig, run_dir: Path):
+    """Join the cluster under `ray job submit` (RAY_ADDRESS) or ``run.ray_address``; else start a local one.
+
+    Actor output (vLLM, DeepSpeed, transformers) stays in Ray's per-node session logs instead of
+    the driver's console; ``<run_dir>/ray_logs`` links to this node's."""
+    started = not ray.is_initialized()
+    if started:
+        address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False)
+    _quiet_ray_logger()
+    with contextlib.suppress(Exception):  # best effort: a link, not a requirement
+        link = run_dir / "ray_logs"
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(ray._private.worker._global_node.get_logs_dir_path())
+    try:
+        yield
+    finally:
+        if started and not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
+            ray.shutdown()
+
+
+def _quiet_ray_logger() -> None:
+    """Ray's own logger writes to the console; its records go to the run's log file instead."""
+    ray_log = logging.getLogger("ray")
+    for h in list(ray_log.handlers):
+        ray_log.removeHandler(h)
+    ray_log.propagate = True
+
+
+@contextlib.contextmanager
+def _log_file(run_dir: Path):
+    """Every library's log records (and Python warnings) of this process go to ``<run_dir>/run.log``;
+    the console keeps the run's own lines (the ``uniopd`` logger)."""
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _resume(pipe: Pipeline, ckpt: Path) -> RunSummary:
+    """Learner and buffer state from ``ckpt``, the samplers on its policy version; in-flight prompts requeued."""
+    meta, a, t = checkpoint.load_meta(ckpt), pipe.a, pipe.timeout
+    get([lr.load_checkpoint.remote(str(ckpt / "learner")) for lr in a.learners], "load learner", t)
+    requeued = get(a.buffer.load.remote(str(ckpt / "buffer.pkl")), "load buffer", t)
+    pipe.version = meta["version"]
+    get(pipe.send_weights(pipe.version), "weight sync after resume", pipe.cfg.weight_sync.timeout_s + 30)
+    get(a.buffer.set_version.remote(pipe.version), "buffer version", t)
+    summary = RunSummary.from_dict(meta["summary"])
+    summary.resumed_from_step = meta["step"]
+    log.info("resumed from %s: step %d, policy version %d, %d in-flight prompts requeued", ckpt, meta["step"],
+             pipe.version, requeued)
+    return summary
+
+
+@contextlib.contextmanager
+def _started_pipeline(cfg: RunConfig, data: "RunData", run_dir: Path):
+    """Ray, the actors (placement groups reserved first) and the weight-sync group; all released on exit."""
+    with _ray_cluster(cfg, run_dir):
+        actors = spawn_actors(cfg, data.train)
+        try:
+            pipe = Pipeline(cfg, actors)
+            t = time.perf_counter()
+            pipe.start()
+            log.info("actors up in %.1fs", time.perf_counter() - t)
+            yield pipe
+        finally:
+            release(actors)
+
+
+@contextlib.contextmanager
+def _logged_plan(cfg: RunConfig, data: "RunData"):
     log.info("plan:\n%s", describe_plan(cfg))
     for src in data.train:
         log.info("data: source %r: %d prompts (weight %g; %d bad rows and %d overlong prompts skipped)", src.label,
                  len(src), src.weight, src.skipped, src.overlong)
-    log.info("data: %d held-out prompts; chat template %s", len(heldout), "on" if data.chat_template else "off")
+    log.info("data: %d held-out prompts; chat template %s", len(data.heldout), "on" if data.chat_template else "off")
+    yield
 
-    started_ray = False
-    if not ray.is_initialized():
-        # Under `ray job submit`, RAY_ADDRESS points at the cluster: join it instead of starting one.
-        address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True)
-            started_ray = True
-    actors: Actors | None = None
-    writer = MetricsWriter(run_dir)
-    try:
-        actors = spawn_actors(cfg, data.train)
-        pipe = Pipeline(cfg, actors)
-        t_setup = time.perf_counter()
-        pipe.start()
-        log.info("actors up in %.1fs", time.perf_counter() - t_setup)
-        summary: dict = {"steps": 0, "accuracy": {}, "data": {
+
+def run(cfg: RunConfig) -> dict:
+    """Validate inputs, start Ray and the actors, evaluate (or resume), train ``run.steps`` steps,
+    finish; returns the run's summary (``RunSummary`` as a dict, also in ``summary.json``)."""
+    check_paths(cfg)
+    data = load_data(cfg)
+    run_dir, ckpt = _run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    with _log_file(run_dir), _logged_plan(cfg, data), _started_pipeline(cfg, data, run_dir) as pipe, \
+            contextlib.closing(MetricsWriter(run_dir)) as writer:
+        summary = _resume(pipe, ckpt) if ckpt else RunSummary(data={
             src.label: {"prompts": len(src), "skipped_bad_rows": src.skipped, "skipped_overlong": src.overlong}
-            for src in data.train}}
-        start_step = 0
-        if ckpt is not None:
-            meta = checkpoint.load_meta(ckpt)
-            _get([lr.load_checkpoint.remote(str(ckpt / "learner")) for lr in actors.learners], "load learner", pipe.timeout)
-            requeued = _get(actors.buffer.load.remote(str(ckpt / "buffer.pkl")), "load buffer", pipe.timeout)
-            pipe.version, start_step = meta["version"], meta["step"]
-            _get(pipe.launch_sync(pipe.version), "weight sync after resume", cfg.weight_sync.timeout_s + 30)
-            _get(actors.buffer.set_version.remote(pipe.version), "buffer version", pipe.timeout)
-            summary = meta["summary"]
-            summary["resumed_from_step"] = start_step
-            log.info("resumed from %s: step %d, policy version %d, %d in-flight prompts requeued", ckpt,
-                     start_step, pipe.version, requeued)
-        elif heldout:
+            for src in data.train})
+        evaluate = (lambda: evaluate_student(cfg, pipe.a, data.heldout)) if data.heldout else None
+        progress = Progress(cfg, summary, writer, run_dir, evaluate, pipe)
+        if ckpt is None and evaluate:
             if cfg.run.eval_teachers:
-                summary["accuracy"]["teacher"] = pipe.evaluate_teachers(heldout)
-            summary["accuracy"]["before"] = pipe.evaluate_student(heldout)
-            log.info("held-out accuracy: teacher %s, student before %s", summary["accuracy"].get("teacher"),
-                     summary["accuracy"]["before"])
-            writer.write(0, {f"accuracy/heldout/{d}": v for d, v in summary["accuracy"]["before"].items()})
-        totals = summary.setdefault("totals", {"samples": 0, "tokens": 0, "seconds": 0.0, "sync_s": [],
-                                               "eval_s": 0.0})
-        totals.setdefault("eval_s", 0.0)
-        curve = summary.setdefault("curve", [])
-        if not curve and "before" in summary["accuracy"]:
-            curve.append({"train_s": 0.0, "step": 0, "responses": 0, "accuracy": summary["accuracy"]["before"]})
-        t_loop = time.perf_counter()
-        seconds0 = totals["seconds"]
-
-        def train_seconds() -> float:
-            """Seconds of this run's training so far, held-out evaluations excluded."""
-            return seconds0 + time.perf_counter() - t_loop - totals["eval_s"]
-
-        def evaluate(step: int) -> dict[str, float]:
-            t = time.perf_counter()
-            acc = pipe.evaluate_student(heldout)
-            curve.append({"train_s": round(train_seconds(), 3), "step": step, "responses": totals["samples"],
-                          "accuracy": acc})
-            totals["eval_s"] += time.perf_counter() - t
-            return acc
-
-        next_eval_s = [cfg.run.eval_every_s]
-
-        def save_checkpoint(step: int) -> None:
-            totals["seconds"] = seconds0 + time.perf_counter() - t_loop
-            checkpoint.save(run_dir, step, pipe.version, actors.learners, actors.buffer, {"summary": summary},
-                            keep=cfg.learner.keep_checkpoints, timeout=pipe.timeout,
-                            crash_after_learner=cfg.chaos.crash_in_checkpoint_step == step)
-
-        def on_step(step: int, m: dict[str, float]) -> None:
-            batch_metrics, bstats = _get([actors.buffer.last_batch_metrics.remote(), actors.buffer.stats.remote()],
-                                         "buffer metrics", pipe.timeout)
-            m.update(batch_metrics)
-            totals["samples"] += int(batch_metrics.get("batch/responses", 0))
-            totals["tokens"] += int(batch_metrics.get("batch/tokens", 0))
-            elapsed = train_seconds()
-            m.update({"throughput/samples_per_s": totals["samples"] / elapsed,
-                      "throughput/tokens_per_s": totals["tokens"] / elapsed, "policy/version": pipe.version,
-                      **{f"buffer/{k}": float(v) for k, v in bstats.items()}})
-            due = (cfg.run.eval_every and step % cfg.run.eval_every == 0) or \
-                (cfg.run.eval_every_s and elapsed >= next_eval_s[0])
-            if due and heldout and step != cfg.run.steps and not out_of_time():
-                m.update({f"accuracy/heldout/{d}": v for d, v in evaluate(step).items()})
-                while cfg.run.eval_every_s and next_eval_s[0] <= elapsed:
-                    next_eval_s[0] += cfg.run.eval_every_s
-            writer.write(step, m)
-            writer.console(step, cfg.run.steps, m)
-            summary["steps"] = step
-            for key in ("sampler/idle_frac", "learner/idle_frac", "teacher/idle_frac"):
-                summary[key.replace("/", "_")] = m[key]
-            summary["lag_max"] = max(summary.get("lag_max", 0), m.get("lag/max", 0))
-            summary["actor_failures"] = summary.get("actor_failures", 0) + (pipe.faults - summary.get("_faults", 0))
-            summary["_faults"] = pipe.faults
-            totals["sync_s"].append(m.get("weight_sync/seconds", 0.0))
-            k = cfg.learner.checkpoint_every
-            if k and step % k == 0 and step != cfg.run.steps:
-                save_checkpoint(step)
-
-        def out_of_time() -> bool:
-            return cfg.run.time_budget_s is not None and train_seconds() >= cfg.run.time_budget_s
-
+                summary.accuracy["teacher"] = progress.excluded(
+                    lambda: evaluate_teachers(cfg, pipe.a, pipe.router, data.heldout))
+                log.info("held-out accuracy of the teachers: %s", summary.accuracy["teacher"])
+            summary.accuracy["before"] = progress.evaluate(0)
         try:
-            pipe.train_loop(cfg.run.steps, on_step, start_step=start_step, stop=out_of_time)
+            pipe.train_loop(cfg.run.steps, progress.on_step, start_step=summary.steps, stop=progress.out_of_time)
         except StageError as e:
             last = checkpoint.latest_complete(run_dir)
             hint = (f"resume with `run.resume={run_dir}` (latest checkpoint: {last.name})" if last
                     else "no checkpoint was written yet (set learner.checkpoint_every)")
-            raise StageError(f"{e}\nthe run stopped at step {summary['steps']}; {hint}") from e
-        elapsed = train_seconds()
-        summary["weight_sync_s_mean"] = float(np.mean(totals["sync_s"])) if totals["sync_s"] else 0.0
-        summary["samples_per_s"] = totals["samples"] / elapsed
-        summary["tokens_per_s"] = totals["tokens"] / elapsed
-        summary["train_seconds"] = elapsed
-        if heldout:
-            summary["accuracy"]["after"] = evaluate(summary["steps"])
-            writer.write(summary["steps"], {f"accuracy/heldout/{d}": v for d, v in summary["accuracy"]["after"].items()})
-            log.info("held-out accuracy after: %s (teacher %s)", summary["accuracy"]["after"],
-                     summary["accuracy"].get("teacher"))
-        save_checkpoint(summary["steps"])  # on clean shutdown
-        summary["student_export"] = str(checkpoint.latest_complete(run_dir) / "hf")
-        accounting = _get(actors.buffer.get_accounting.remote(), "accounting", pipe.timeout)
-        summary["accounting"] = _accounting_summary(accounting)
-        with (run_dir / "accounting.jsonl").open("w") as f:  # every admitted prompt's outcome
-            for pid, uid, epoch, outcome in accounting:
-                f.write(json.dumps({"id": pid, "uid": uid, "epoch": epoch, "outcome": outcome}) + "\n")
-        (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()
-                                                          if not k.startswith("_") and k != "totals"}, indent=2))
-        return summary
-    finally:
-        writer.close()
-        if actors is not None:
-            release(actors)
-        if started_ray:
-            ray.shutdown()
-
-
-def _accounting_summary(acc: list[tuple[str, int, int, str]]) -> dict[str, int]:
-    out: dict[str, int] = defaultdict(int)
-    for *_, outcome in acc:
-        out[outcome] += 1
-    return dict(out)
+            raise StageError(f"{e}\nthe run stopped at step {summary.steps}; {hint}") from e
+        progress.finish(get(pipe.a.buffer.get_accounting.remote(), "accounting", pipe.timeout))
+        return summary.to_dict()

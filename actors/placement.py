@@ -31,7 +31,8 @@ from actors.sampler import Sampler
 from actors.teacher import Teacher
 from actors.verifier import Verifier
 from buffers.records import Prompt
-from buffers.replay import PromptSource, ReplayBuffer
+from buffers.actor import BufferActor
+from buffers.replay import PromptSource
 from configs.schema import RunConfig
 from learner.learner import Learner
 from learner.logprobs import LogitProcessing
@@ -166,7 +167,7 @@ def spawn_actors(cfg: RunConfig, train_sources: Sequence[PromptSource] | list[Pr
         for name, t in cfg.teachers.items()
     }
     verifier = _remote(Verifier, cfg.verifier.num_cpus, max_restarts=2).remote(cfg.domains)
-    buffer = _remote(ReplayBuffer, cfg.buffer.num_cpus, **_on_this_node()).remote(
+    buffer = _remote(BufferActor, cfg.buffer.num_cpus, **_on_this_node()).remote(
         train_sources, cfg.buffer, group_size=s.n, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.run.seed)
     learners = [
         _remote(Learner, cfg.learner.num_cpus, cfg.learner.num_gpus, **_in(pg["learner"], r)).remote(

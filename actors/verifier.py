@@ -21,6 +21,9 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Callable
 
+import ray
+
+from actors.concurrency import CONTROL
 from buffers.records import Prompt, Rollout, VerifiedRollout
 from configs.schema import CodeVerifier, DomainConfig
 
@@ -125,5 +128,7 @@ class Verifier:
     def grade_many(self, texts: list[str], prompts: list[Prompt]) -> list[bool]:
         return [ok for ok, _ in self._grade_all(texts, prompts)]
 
+    @ray.method(concurrency_group=CONTROL)
     def ready(self) -> bool:
+        """Liveness: answered at once, not queued behind pending ``verify`` calls."""
         return True

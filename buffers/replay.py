@@ -7,8 +7,12 @@ Invariants it keeps:
   has lag 0, and in general lag never exceeds η unless something went wrong (a
   response that does arrive with lag > η is dropped and counted).
 - A group is released only when all n responses of its prompt are verified and
-  scored; online balancing (SPEC §3.2) acts per group, margin calibration (SPEC §4)
-  on the batch (``group`` or ``global`` scope).
+  scored, and groups are released in admission order: a group that completes before
+  an earlier-admitted one is held until that one completes (or is requeued or
+  dropped). Admission control bounds the lag only if groups become batchable in the
+  order they were admitted; a later group overtaking an earlier one would push the
+  earlier into a later batch (SPEC §2). Online balancing (SPEC §3.2) acts per group,
+  margin calibration (SPEC §4) on the batch (``group`` or ``global`` scope).
 - Every admitted prompt ends in exactly one outcome in ``accounting``: trained,
   dropped (with its reason) or requeued (then admitted again under a new uid).
 - Sources mix by weight: each admitted prompt comes from source s with probability
@@ -109,7 +113,8 @@ class ReplayBuffer:
         self.version = 0
         self.running: dict[int, Prompt] = {}
         self.pending: dict[int, list[ScoredRollout]] = {}
-        self.ready: deque[_Group] = deque()
+        self.held: dict[int, _Group] = {}  # complete, waiting for an earlier admission to complete
+        self.ready: deque[_Group] = deque()  # released in admission order, batched first-come
         self.accepted = 0
         self.counters: Counter[str] = Counter()
         self.accounting: list[tuple[str, int, int, str]] = []  # (prompt id, uid, epoch, outcome)
@@ -157,12 +162,13 @@ class ReplayBuffer:
 
     def requeue(self, prompts: list[Prompt]) -> None:
         """Prompts whose generation was lost (a dead sampler): back to the front of the queue."""
-        for p in prompts:
+        for p in reversed(prompts):  # appended at the front: they keep their order
             if self.running.pop(p.uid, None) is not None:
                 self.pending.pop(p.uid, None)
                 self.accounting.append((p.id, p.uid, p.epoch, "requeued"))
                 self.queue.appendleft(replace(p, uid=-1))
                 self.counters["requeued"] += 1
+        self._release()
 
     # -- collection ---------------------------------------------------------------------------
     def add(self, scored: list[ScoredRollout]) -> int:
@@ -202,6 +208,7 @@ class ReplayBuffer:
             # the engine would not take this prompt (sampler log says why): it fails alone
             self.accounting.append((prompt.id, prompt.uid, prompt.epoch, "dropped_refused"))
             self.counters["refused_prompts"] += 1
+            self._release()
             return
         mode = self.cfg.truncated
         trunc = [s.rollout.truncated for s in rollouts]
@@ -212,8 +219,18 @@ class ReplayBuffer:
             idx = [i for i, e in enumerate(excluded) if not e]
             for i, k in zip(idx, balance_group([correct[i] for i in idx], self.cfg.balance_ratio, self.rng)):
                 keep[i] = k
-        self.ready.append(_Group(prompt, rollouts, keep, correct, excluded))
+        self.held[uid] = _Group(prompt, rollouts, keep, correct, excluded)
         self.accepted += 1
+        self._release()
+
+    def _release(self) -> None:
+        """Move complete groups to ``ready`` in admission order: every held group admitted before
+        the oldest prompt still running (uids grow with admission; ``running`` keeps that order)."""
+        head = next(iter(self.running), None)
+        for uid in sorted(self.held):
+            if head is not None and uid > head:
+                break
+            self.ready.append(self.held.pop(uid))
 
     # -- batches ------------------------------------------------------------------------------
     def num_ready(self) -> int:
@@ -327,7 +344,9 @@ class ReplayBuffer:
         state = {
             "queue": list(self.queue), "epoch": self.epoch, "next_uid": self.next_uid, "version": self.version,
             "cursors": [(c.epoch, c.pos) for c in self.cursors], "sources": [s.label for s in self.sources],
-            "running": list(self.running.values()), "ready": list(self.ready), "accepted": self.accepted,
+            "running": list(self.running.values()), "accepted": self.accepted,
+            # held groups are released on load: every prompt admitted before them is requeued there
+            "ready": list(self.ready) + [self.held[u] for u in sorted(self.held)],
             "counters": dict(self.counters), "accounting": list(self.accounting), "rng": self.rng.getstate(),
         }
         with open(path, "wb") as f:
@@ -347,7 +366,7 @@ class ReplayBuffer:
         self.ready, self.accepted = deque(st["ready"]), st["accepted"]
         self.counters, self.accounting = Counter(st["counters"]), list(st["accounting"])
         self.rng.setstate(st["rng"])
-        self.running, self.pending = {p.uid: p for p in st["running"]}, {}
+        self.running, self.pending, self.held = {p.uid: p for p in st["running"]}, {}, {}
         lost = list(self.running.values())
         self.requeue(lost)
         return len(lost)
@@ -360,6 +379,7 @@ class ReplayBuffer:
         return {
             "running": len(self.running),
             "ready": len(self.ready),
+            "held": len(self.held),
             "accepted": self.accepted,
             "epoch": self.epoch,
             **{f"count/{k}": v for k, v in self.counters.items()},

@@ -20,6 +20,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see a
 from configs.schema import ConfigError, load_config  # noqa: E402
 
 
+def console_logger() -> logging.Logger:
+    """The run's own lines (plan, one per step, held-out accuracies, the final table) on stderr, never cut
+    at the terminal width; other libraries' records go to the run's log file (actors/pipeline.py)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    log = logging.getLogger("uniopd")
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    return log
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", nargs="?", help="YAML config (default: configs/demo.yaml)")
@@ -30,11 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.config)
         args.config = None
 
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="%H:%M:%S",
-                        handlers=[RichHandler(show_path=False, markup=False)])
-    log = logging.getLogger("uniopd")
+    log = console_logger()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -66,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; actors shut down")
         return 130
-    log.info("summary: %s", summary)
+    from actors.progress import RunSummary
+
+    log.info("run finished (summary.json and TensorBoard in %s):\n%s", cfg.run_dir if not cfg.run.resume
+             else cfg.run.resume, RunSummary.from_dict(summary).table())
     return 0
 
 

@@ -29,7 +29,7 @@ def test_lag_never_exceeds_max_lag_under_random_delays(max_lag, tiny_demo, ray_c
         seen: list[dict[str, float]] = []
 
         def on_step(step, m):
-            seen.append(ray.get(actors.buffer.last_batch_metrics.remote()))
+            seen.append(m)  # the batch's metrics (SPEC §7) come with it from the buffer
 
         pipe.train_loop(6, on_step)
         lags = [s["lag/max"] for s in seen]

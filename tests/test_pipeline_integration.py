@@ -29,13 +29,16 @@ def pipeline(tiny_demo, ray_cluster, tmp_path_factory):
 
 
 def _one_step(pipe):
+    """One synchronous step through the driver's own stages: admit → chain → buffer → train → sync."""
+    import asyncio
+
     import ray
 
     a = pipe.a
     prompts = ray.get(a.buffer.admit.remote(pipe.cfg.data.prompts_per_step))
-    ray.get(pipe.produce(prompts))
-    batch_ref = a.buffer.get_batch.remote()
-    metrics = pipe.train_on(batch_ref)
+    assert ray.get(a.buffer.add_chain.remote([p.uid for p in prompts], pipe.produce_on(0, prompts))) is None
+    batch_ref, _ = a.buffer.next_batch.remote()
+    metrics = asyncio.run(pipe.train_and_sync(batch_ref))
     return ray.get(batch_ref), metrics
 
 

@@ -81,6 +81,8 @@ def test_templated_ids_of_a_known_prompt(cfg, fixture_dir):
 
 
 def test_pipeline_pieces_on_the_realistic_fixture(cfg, fixture_dir, ray_cluster):
+    import asyncio
+
     import ray
     import torch
     from transformers import AutoModelForCausalLM
@@ -123,7 +125,7 @@ def test_pipeline_pieces_on_the_realistic_fixture(cfg, fixture_dir, ray_cluster)
         for smp, r in zip(batch.samples, sorted(rollouts, key=lambda r: (r.prompt.uid, r.sample_idx))):
             assert smp.excluded == r.truncated and (not r.truncated or smp.weight == 0.0)
         # one step, a sync, then sampler and learner agree on fresh responses
-        pipe.train_on(ray.put(batch))
+        asyncio.run(pipe.train_and_sync(ray.put(batch)))
         fresh = ray.get(a.samplers[0].generate.remote(prompts[:1]))
         samples = [TrainSample(r.prompt_ids, r.response_ids, r.behaviour_logprobs_T, None, None, None, 0.0, 1.0,
                                r.policy_version, r.prompt.domain, False, r.prompt.id) for r in fresh]
