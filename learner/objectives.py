@@ -1,6 +1,6 @@
 """Loss functions of the learner: pure torch, no model, no Ray, no config.
 
-What this module owns (SPEC.md references in brackets):
+What this module owns (sections of docs/algorithm.md in brackets):
 
 - the distillation advantage ``A = log π_T − log π_S,old`` and the clipped
   policy-gradient loss on it, with the |log π_θ − log π_T| ≥ 10 token mask
