@@ -14,6 +14,7 @@ the teacher bar and its cache) completes.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -153,3 +154,11 @@ def test_full_run_with_teacher_bar_and_its_cache(fixture_dir, tmp_path):
     assert second["accuracy"]["teacher"] == first["accuracy"]["teacher"]
     assert len(list((tmp_path / ".eval_cache").glob("*.json"))) == 2  # one per (teacher, held-out set)
     assert "from cache" in out.stderr + out.stdout
+    # a quiet console: the run's own lines (one per step, the held-out accuracies, the final table);
+    # library and actor output goes to runs/<name>/run.log and Ray's session logs
+    console = out.stderr + out.stdout
+    assert "step 1/2" in console and "step 2/2" in console and "held-out accuracy at step 2" in console
+    assert "run finished" in console and "summary: {" not in console
+    assert "pid=" not in console, console[-3000:]  # Ray's prefix of forwarded actor output
+    assert not re.search(r"^(INFO|WARNING|DEBUG) \d\d-\d\d ", console, re.M), console[-3000:]  # vLLM's format
+    assert (tmp_path / "second" / "run.log").is_file()
