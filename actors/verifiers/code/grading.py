@@ -178,7 +178,7 @@ def evaluate(response: str, row: Any, limits: SandboxLimits | None = None, *,
 def evaluate_many(items: list[tuple[str, Any]], limits: SandboxLimits | None = None, *,
                   isolation: Isolation | None = None, parallel: int = 2) -> list[CodeResult]:
     """:func:`evaluate` of every ``(response, row)``, the programs graded together: one
-    sandbox (launcher, namespaces, root) per :data:`MAX_BATCH` programs, ``parallel`` of them
+    sandbox (one bwrap, one supervisor) per :data:`MAX_BATCH` programs, ``parallel`` of them
     running at once, each with the isolation and limits of a run of its own (module doc).
     About 10 ms CPU per program instead of ~60 for a sandbox each. ``seconds`` of a result
     is its program's own run time in the batch."""
@@ -205,7 +205,7 @@ def evaluate_many(items: list[tuple[str, Any]], limits: SandboxLimits | None = N
     for start in range(0, len(todo), MAX_BATCH):
         part = todo[start : start + MAX_BATCH]
         job = {"mode": "batch", "programs": [{"source": source} for _, source, _, _ in part], "parallel": parallel}
-        # every program has its own deadline in the init; this one is the backstop
+        # every program has its own deadline in the supervisor; this one is the backstop
         wall = -(-len(part) // parallel) * (limits.wall_seconds + 0.5) + 5.0
         raw = runner._run(job, limits, isolation, [cfg for _, _, cfg, _ in part], wall_seconds=wall)
         records = _batch_records(raw.verdict)

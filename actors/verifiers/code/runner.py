@@ -186,7 +186,7 @@ def _run(job: dict, limits: SandboxLimits, isolation: Isolation, cfgs: list[byte
     """Launch, supervise, collect and clean up one sandboxed run: one program (``job["mode"]
     == "program"``), or a batch of judged programs (``"batch"``: one slot -- uids and memory
     cgroup -- per entry of ``job["programs"]``, and one judge config of ``cfgs`` each, which
-    reaches its judge through a pipe of its own, never through the launcher's memory)."""
+    reaches its judge through a pipe of its own, never through the supervisor's memory)."""
     t0 = time.perf_counter()
     batch = job["mode"] == "batch"
     n = len(job["programs"]) if batch else 1
@@ -233,7 +233,7 @@ def _run(job: dict, limits: SandboxLimits, isolation: Isolation, cfgs: list[byte
                 dict(p, uids=list(slots[k].uids) if slots else None, cfg_fd=cfg_pipes[k][0], cgroup_fd=cg_fds[k])
                 for k, p in enumerate(job["programs"])
             ]
-        payload = _boot_payload("_launcher_main", full_job)
+        payload = _boot_payload("_supervisor_main", full_job)
         # The supervisor runs the programs' interpreter: solution and judge are forked from
         # it, so they import the stdlib the sandbox uids can read (see _sandbox_python).
         argv = [full_job["python"], "-I", "-S", "-B", "-c", _BOOT_STDIN]
@@ -314,7 +314,7 @@ def _run(job: dict, limits: SandboxLimits, isolation: Isolation, cfgs: list[byte
 
 @dataclass(frozen=True)
 class _Record:
-    """What the init reported of one program of a batch."""
+    """What the supervisor reported of one program of a batch."""
 
     sol_status: str  # wait status of the solution process, or "-"
     judge_status: str
@@ -325,7 +325,7 @@ class _Record:
 
 
 def _verdict_items(verdict: bytes):
-    """The init's lines on the verdict pipe (ERROR, INIT, DONE, PROG), each with the bytes
+    """The supervisor's lines on the verdict pipe (ERROR, INIT, DONE, PROG), each with the bytes
     of its record for a PROG line (contents written by sandboxed processes, never parsed
     as lines) or None."""
     pos = 0
@@ -341,7 +341,7 @@ def _verdict_items(verdict: bytes):
             size = int(parts[6]) + int(parts[7])
             body, pos = verdict[pos : pos + size], pos + size
             if len(body) < size:
-                return  # cut short (the launcher was killed while writing)
+                return  # cut short (the sandbox was killed while writing)
         yield line, body
 
 
@@ -401,7 +401,7 @@ def _pump(proc: subprocess.Popen, inputs: dict[int, bytes], vr: int, streams: di
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
             if exited_at is not None and now - exited_at > 0.5:
-                break  # launcher gone, a straggler holds a pipe: the backstop will kill it
+                break  # sandbox gone, a straggler holds a pipe: the backstop will kill it
             timeout = min(deadline - now, 0.1 if exited_at is None else 0.05)
             for key, _ in sel.select(timeout):
                 name = key.data

@@ -9,8 +9,8 @@ line or two (:func:`_enter_root`): ``chroot`` into ``/r`` (the kernel refuses
 ``CLONE_NEWUSER`` to a chrooted process, so a program cannot create a user namespace;
 bwrap's ``--disable-userns`` needs a user namespace of its own, which maps a single uid),
 ``/proc`` remounted ``hidepid=2`` (a program sees only its own processes), the tmpfs's
-inode cap, and the loopback interface taken down (bwrap brings ``lo`` up: programs of a
-batch could talk to each other over 127.0.0.1).
+inode cap, and the loopback interface without its address and down (bwrap brings ``lo``
+up: programs of a batch could talk to each other over 127.0.0.1).
 
 Then, as root with the few capabilities bwrap left it, the supervisor forks each solution
 and judge, which confine themselves in :func:`_spawn`: fds, their program's memory cgroup
@@ -37,7 +37,7 @@ if __name__ != "uniopd_sandbox":  # in the sandbox, the shipped modules share on
 
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 2, 4, 8, 32
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 36, 38
-_SIOCSIFFLAGS = 0x8914
+_SIOCSIFFLAGS, _SIOCSIFADDR = 0x8914, 0x8916
 SANDBOX_ROOT = "/r"  # where bwrap builds the programs' root; the supervisor chroots into it
 _CHILD_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -77,11 +77,15 @@ def _enter_root(job: dict) -> None:
     _remount("proc", "/proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=2,gid=0")
     lim = job["limits"]
     _remount("tmpfs", "/tmp", _MS_NOSUID | _MS_NODEV, f"size={lim['tmpfs_bytes']},nr_inodes={lim['tmpfs_inodes']}")
+    # bwrap gave ``lo`` 127.0.0.1 and brought it up: as a fresh network namespace has it, with
+    # no address and down, every connect fails (ENETUNREACH; EADDRNOTAVAIL for ::1)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        no_addr = struct.pack("HH4s8x", socket.AF_INET, 0, bytes(4))
+        fcntl.ioctl(s, _SIOCSIFADDR, struct.pack("16s", b"lo") + no_addr)  # 0.0.0.0: deletes the address
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", 0))  # flags 0: down
 
 
-def _launcher_main(job: dict) -> int:
+def _supervisor_main(job: dict) -> int:
     """Entry point of a run (from the trusted grader): set up what is ours, run, report."""
     import signal
 
@@ -94,7 +98,7 @@ def _launcher_main(job: dict) -> int:
             if os.getppid() != job["parent_pid"]:
                 return 1
             _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans (daemons) re-parent to us
-        _init_main(job)
+        _supervise(job)
     except BaseException as e:  # noqa: BLE001
         _report(vfd, f"ERROR supervisor: {type(e).__name__}: {e}")
         return 1
@@ -108,8 +112,8 @@ def _report(fd: int, line: str) -> None:
         pass
 
 
-def _init_main(job: dict) -> None:
-    """Supervisor: pid 1 of the namespace (or the subreaper launcher without namespaces)."""
+def _supervise(job: dict) -> None:
+    """Supervisor: pid 1 of the namespace (or the subreaper without namespaces)."""
     vfd = job["verdict_fd"]
     ns_mode = job["namespaces"]
     base = "/tmp" if ns_mode else job["host_dir"]
@@ -175,7 +179,7 @@ def _teardown(ns_mode: bool, uids: list, statuses: dict) -> None:
 
 def _proc_table(proc_dir: str = "/proc"):
     """(pid, {real, effective, saved uid}, live) of every process in ``proc_dir`` (live: not
-    a zombie). Used on both sides: the grader's backstops and the init's per-program sweep."""
+    a zombie). Used on both sides: the grader's backstops and the supervisor's per-program sweep."""
     for name in os.listdir(proc_dir):
         if not name.isdigit():
             continue
@@ -213,9 +217,9 @@ def _msg(tag: bytes, k: int, value: int) -> bytes:
 
 
 def _zygote_main(job: dict, base: str, sock) -> None:
-    """Forks the solution processes of a batch, on the init's request, and reports their exits.
+    """Forks the solution processes of a batch, on the supervisor's request, and reports their exits.
 
-    It is forked from the init before any judge exists, so no test, nonce or verdict was
+    It is forked from the supervisor before any judge exists, so no test, nonce or verdict was
     ever in its memory -- nor in its children's, which a solution could otherwise scan
     (``gc``, ``ctypes``) for the tests of an earlier program of the batch."""
     import select
@@ -233,12 +237,12 @@ def _zygote_main(job: dict, base: str, sock) -> None:
             continue
         msg = sock.recv(9)
         if len(msg) != 9:
-            os._exit(0)  # the init closed the socket: the batch is over
+            os._exit(0)  # the supervisor closed the socket: the batch is over
         k = int.from_bytes(msg[1:5], "big")
         p = progs[k]
         req_r, req_w = os.pipe()  # judge -> solution
         rep_r, rep_w = os.pipe()  # solution -> judge
-        err_r, err_w = os.pipe()  # stderr of solution and judge -> init
+        err_r, err_w = os.pipe()  # stderr of solution and judge -> supervisor
         pid = _spawn(job, p["uids"][0] if p["uids"] else None, f"{base}/{k}/s",
                      {0: devnull, 1: devnull, 2: err_w, _SOL_RFD: req_r, _SOL_WFD: rep_w},
                      role="solution", cgroup_fd=p["cgroup_fd"])
