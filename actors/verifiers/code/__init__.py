@@ -90,11 +90,15 @@ from . import grading, isolation, runner
 from .codec import decode_value, encode_value
 from .grading import (MAX_BATCH, PRECOMPILE_MAX_CHARS, CodeResult, Reason, build_solution, evaluate, evaluate_many,
                       extract_code, grade, grade_many, grading_inputs, precompile_error)
-from .isolation import N_SLOTS, UID_BASE, Isolation, SandboxLimits, _cgroup_base, _processes_of, bwrap_path
-from .runner import _HARNESS, RunResult, detect_isolation, run_program
+from .isolation import N_SLOTS, Isolation, SandboxLimits, bwrap_path
+from .runner import RunResult, detect_isolation, run_program
+
+# private, read by tests/test_code_verifier.py (what is left on the machine, what the sandbox sees)
+from .isolation import _cgroup_base, _processes_of  # noqa: E402, F401
+from .runner import _HARNESS  # noqa: E402, F401
 
 __all__ = [
-    "MAX_BATCH", "N_SLOTS", "PRECOMPILE_MAX_CHARS", "UID_BASE", "CodeResult", "Isolation", "Reason", "RunResult",
+    "MAX_BATCH", "N_SLOTS", "PRECOMPILE_MAX_CHARS", "CodeResult", "Isolation", "Reason", "RunResult",
     "SandboxLimits", "build_solution", "bwrap_path", "decode_value", "detect_isolation", "encode_value", "evaluate",
     "evaluate_many", "extract_code", "grade", "grade_many", "grading", "grading_inputs", "isolation",
     "precompile_error", "run_program", "runner",

@@ -8,13 +8,12 @@ encoded by ``codec.py``. It runs under its own unprivileged uid and never holds 
 the nonce or the verdict pipe (``judge.py`` does).
 
 Runs inside the sandbox (shipped as a code object by ``runner.py``, in one namespace with
-``codec.py``): it imports only ``os`` and ``sys`` at module level.
+``codec.py``): it imports only ``os`` at module level.
 """
 
 from __future__ import annotations
 
 import os
-import sys  # noqa: F401 - the shared sandbox namespace expects it
 
 if __name__ != "uniopd_sandbox":  # in the sandbox, the shipped modules share one namespace
     from .codec import _recv_msg, _send_msg, decode_value, encode_value
