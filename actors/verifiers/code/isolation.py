@@ -85,7 +85,7 @@ BWRAP_MISSING = (
 _ROOT_TOP = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # What the supervisor needs as root inside (the programs lose them all with their uid):
 # uids and their dirs, reaping other uids, its chroot, /proc and /tmp remounts, ``lo`` down.
-_SUPERVISOR_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL",
+_SUPERVISOR_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_KILL",
                     "CAP_SYS_CHROOT", "CAP_SYS_ADMIN", "CAP_NET_ADMIN")
 
 
