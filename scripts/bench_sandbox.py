@@ -5,9 +5,9 @@
 Grades ``--programs`` distinct correct programs of a HumanEval-style row with
 ``actors.verifiers.code.evaluate_many``, in batches of each size given, and prints per
 program the wall-clock milliseconds and the CPU milliseconds of the sandbox processes
-(``RUSAGE_CHILDREN``: launcher, namespace init, zygote, solutions, judges) and of the grader
+(``RUSAGE_CHILDREN``: bwrap, the supervisor, zygote, solutions, judges) and of the grader
 itself. Every verdict must be "passed", or the script fails. Needs Linux; the isolation it
-gets (namespaces / uids / cgroup) is printed first, since it changes the cost.
+gets (namespaces through bwrap / uids / cgroup) is printed first, since it changes the cost.
 """
 
 from __future__ import annotations

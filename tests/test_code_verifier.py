@@ -1,4 +1,4 @@
-"""The code verifier's sandbox against hostile programs (actors/verifiers/code.py).
+"""The code verifier's sandbox against hostile programs (actors/verifiers/code/).
 
 Every hostile test must end incorrect (or harmless), within its limits, and leave the
 machine as it was: the autouse fixture checks after each test that no process of the
@@ -80,10 +80,10 @@ def _check_mode(iso: cv.Isolation, *, setuid: bool = False, namespaces: bool = F
 
 @pytest.fixture(autouse=True, scope="module")
 def _test_uid_range():
-    old = cv.UID_BASE
-    cv.UID_BASE = TEST_UID_BASE
+    old = cv.isolation.UID_BASE
+    cv.isolation.UID_BASE = TEST_UID_BASE
     yield
-    cv.UID_BASE = old
+    cv.isolation.UID_BASE = old
 
 
 def _sandbox_dirs() -> set[str]:
@@ -221,13 +221,13 @@ def test_no_code_and_syntax_error():
 def _count_sandbox_runs(monkeypatch) -> list:
     """The programs that reach the sandbox (a batch counts each of its programs)."""
     runs: list = []
-    real = cv._run
+    real = cv.runner._run
 
     def counting(job, *args, **kwargs):
         runs.extend(p["source"] for p in job["programs"]) if job["mode"] == "batch" else runs.append(job["source"])
         return real(job, *args, **kwargs)
 
-    monkeypatch.setattr(cv, "_run", counting)
+    monkeypatch.setattr(cv.runner, "_run", counting)
     return runs
 
 
@@ -814,19 +814,19 @@ def test_tests_and_nonces_never_travel_through_the_launcher(monkeypatch):
     """The solution processes are forked from the sandbox's init: what the init holds, a
     solution could read. The tests and nonces go to the judges through pipes of their own."""
     payloads: list = []
-    real = cv._boot_payload
+    real = cv.runner._boot_payload
 
     def capture(entry, *args):
         out = real(entry, *args)
         payloads.append(out)
         return out
 
-    monkeypatch.setattr(cv, "_boot_payload", capture)
+    monkeypatch.setattr(cv.runner, "_boot_payload", capture)
     secret = f"SECRET{time.monotonic_ns()}"
     row = SimpleNamespace(prompt=ADD.prompt, tests=ADD.tests + f"    assert {secret!r}\n", entry_point="add")
     nonces: list = []
-    real_token = cv.secrets.token_hex
-    monkeypatch.setattr(cv.secrets, "token_hex", lambda n=None: nonces.append(real_token(n)) or nonces[-1])
+    real_token = cv.grading.secrets.token_hex
+    monkeypatch.setattr(cv.grading.secrets, "token_hex", lambda n=None: nonces.append(real_token(n)) or nonces[-1])
     out = cv.evaluate_many([(ADD_COMPLETION, row), ("    return 0\n", row)], FAST)
     assert [r.reason for r in out] == ["passed", "failed"]
     assert payloads and len(nonces) == 2
@@ -863,8 +863,8 @@ def test_the_verifier_grades_a_call_in_one_batch(monkeypatch):
     from configs.schema import CodeVerifier, DomainConfig
 
     calls: list = []
-    real = cv._run
-    monkeypatch.setattr(cv, "_run", lambda job, *a, **k: calls.append(job["mode"]) or real(job, *a, **k))
+    real = cv.runner._run
+    monkeypatch.setattr(cv.runner, "_run", lambda job, *a, **k: calls.append(job["mode"]) or real(job, *a, **k))
     verifier = Verifier({"code": DomainConfig(teacher="t", verifier=CodeVerifier(wall_seconds=3.0))})
     texts = [ADD_COMPLETION, "    return a - b\n", "    return b + a\n", "    return a +\n", ADD_COMPLETION]
     out = verifier.verify([_code_rollout(t) for t in texts])
