@@ -35,7 +35,7 @@ from typing import Protocol
 import numpy as np
 
 from buffers.balance import balance_group
-from buffers.calibration import CalibrationSettings, calibrate
+from buffers.calibration import calibrate
 from buffers.records import Prompt, ScoredRollout, TrainBatch, TrainSample
 from configs.schema import BufferConfig
 
@@ -114,15 +114,6 @@ class ReplayBuffer:
         self.counters: Counter[str] = Counter()
         self.accounting: list[tuple[str, int, int, str]] = []  # (prompt id, uid, epoch, outcome)
         self._last_metrics: dict[str, float] = {}
-        self.calib = CalibrationSettings(
-            mode=cfg.calibration.mode,
-            direction=cfg.calibration.direction,
-            mask_form=cfg.calibration.mask_form,
-            statistic=cfg.calibration.statistic,
-            scope=cfg.calibration.scope,
-            delta=cfg.calibration.delta,
-            greedy_min_frac=cfg.calibration.greedy_min_frac,
-        )
 
     # -- admission (SPEC §2) ------------------------------------------------------------------
     def capacity(self) -> int:
@@ -244,7 +235,7 @@ class ReplayBuffer:
         ok_idx = [i for i, (_, s, _, _, e) in enumerate(flat) if s.status == "ok" and not e]
         returns = [flat[i][1].distill_return() for i in ok_idx]
         cres = calibrate(
-            returns, [flat[i][3] for i in ok_idx], [flat[i][0] for i in ok_idx], self.calib
+            returns, [flat[i][3] for i in ok_idx], [flat[i][0] for i in ok_idx], self.cfg.calibration
         )
         shift = [0.0] * len(flat)
         calib_keep = [True] * len(flat)
@@ -290,7 +281,8 @@ class ReplayBuffer:
         m["margin/gap_after"] = float(np.mean(cres.gap_after)) if cres.gap_after else 0.0
         m["margin/shift_mean"] = float(np.mean(np.abs(cres.shift))) if cres.shift else 0.0
         m["margin/groups_shifted_frac"] = cres.n_shifted / cres.n_sets if cres.n_sets else 0.0
-        m["margin/sets_mixed_frac"] = cres.n_sets / max(1, len(kept_groups)) if self.calib.scope == "group" else 0.0
+        m["margin/sets_mixed_frac"] = (cres.n_sets / max(1, len(kept_groups))
+                                       if self.cfg.calibration.scope == "group" else 0.0)
         m["margin/responses_masked_frac"] = 1.0 - float(np.mean(cres.keep)) if cres.keep else 0.0
         rc = [ret for ret, j in zip(returns, ok_idx) if flat[j][3]]
         ri = [ret for ret, j in zip(returns, ok_idx) if not flat[j][3]]

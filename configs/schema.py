@@ -231,22 +231,240 @@ class VerifierSection(_Section):
     num_cpus: float = Field(0.25, gt=0, description="Ray CPUs of the verifier actor.")
 
 
-class CalibrationConfig(_Section):
-    """SPEC §4 outcome-guided margin calibration. Defaults: the released Uni-OPD scripts."""
+# ----------------------------------------------------------------------------------------
+# Pluggable parts as discriminated unions on `type`: each variant carries only its own keys,
+# so an impossible combination (a shift direction on a mask, a JSD β on forward KL) cannot be
+# written down. A missing `type` means the documented default variant; a bare string is short
+# for `{type: <string>}` (`buffer.calibration=none` on the command line).
 
-    mode: Literal["none", "shift", "mask"] = "shift"
-    direction: Literal["correct_up", "incorrect_down", "both"] = "both"
-    mask_form: Literal["group_drop", "greedy"] = "greedy"
-    statistic: Literal["mean", "minmax"] = "mean"
-    scope: Literal["group", "global"] = "group"
-    delta: float = Field(0.4, ge=0, description="δ: required gap between correct and incorrect returns.")
-    greedy_min_frac: float = Field(0.25, gt=0, le=1)
+
+def _moved(value: Any, moved: dict[str, str]) -> None:
+    """A key of the earlier flat layout names where it lives now (instead of "not a known key")."""
+    for old, new in moved.items():
+        if isinstance(value, dict) and old in value:
+            raise ValueError(f"`{old}` is now `{new}` (the layout of this section changed; see configs/schema.py)")
+
+
+def _tagged(default: str, moved: dict[str, str] | None = None):
+    """Before-validator of a ``type``-tagged union: a missing ``type`` is the default variant, a bare
+    string is the tag alone, and a key of the earlier flat layout names where it went."""
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, str):
+            return {"type": value}
+        _moved(value, moved or {})
+        if isinstance(value, dict) and "type" not in value:
+            return {"type": default, **value}
+        return value
+
+    return BeforeValidator(fill)
+
+
+Statistic = Literal["mean", "minmax"]
+
+
+class _MarginStatistic(_Section):
+    statistic: Statistic = Field(
+        "mean", description="c, w of SPEC §4: `mean` (class means, the released scripts) or `minmax` (c = min over "
+        "the correct returns, w = max over the incorrect: the paper's margin m(q) = c − w).")
+    scope: Literal["group", "global"] = Field(
+        "group", description="`group`: each prompt's responses form one set; `global`: the whole batch is one set.")
+
+
+class NoCalibration(_MarginStatistic):
+    """Plain OPD: advantages untouched. ``statistic`` and ``scope`` still define the measured gap
+    (``margin/gap_before``)."""
+
+    type: Literal["none"] = "none"
+
+    @property
+    def summary(self) -> str:
+        return f"none (gap measured: {self.statistic}, {self.scope})"
+
+
+class _Calibrating(_MarginStatistic):
+    delta: float = Field(0.4, ge=0, allow_inf_nan=False,
+                         description="δ: the gap c − w that order consistency requires (SPEC §4).")
+
+
+class MarginShift(_Calibrating):
+    """SPEC §4 margin shift: when c − w < δ, s = δ − (c − w) is added to token advantages, so the gap is
+    exactly δ afterwards. Default of the released Uni-OPD scripts (mean, both, group, δ = 0.4)."""
+
+    type: Literal["shift"] = "shift"
+    direction: Literal["correct_up", "incorrect_down", "both"] = Field(
+        "both", description="Who moves: `correct_up` adds s to the correct responses, `incorrect_down` subtracts "
+        "s from the incorrect ones, `both` moves each class by s/2.")
+
+    @property
+    def summary(self) -> str:
+        return f"shift/{self.statistic}/{self.direction}/{self.scope} δ={self.delta:g}"
+
+
+class MarginMask(_Calibrating):
+    """SPEC §4 margin mask: responses (or a whole set) whose returns violate the gap get zero advantage."""
+
+    type: Literal["mask"] = "mask"
+    form: Literal["greedy", "group_drop"] = Field(
+        "greedy", description="`greedy` (release): remove the worst correct or best incorrect response, whichever "
+        "raises the gap more, until the gap reaches δ; `group_drop` (paper): drop the whole set.")
+    greedy_min_frac: float = Field(
+        0.25, gt=0, le=1, description="Greedy form only: a class keeps at least max(1, ⌊frac·|class|⌋) responses.")
+
+    @property
+    def summary(self) -> str:
+        return f"mask/{self.form}/{self.statistic}/{self.scope} δ={self.delta:g}"
+
+    @model_validator(mode="after")
+    def _frac_only_for_greedy(self) -> MarginMask:
+        if self.form == "group_drop" and "greedy_min_frac" in self.model_fields_set:
+            raise ValueError("`greedy_min_frac` applies to `form: greedy` only; remove it or set `form: greedy`")
+        return self
+
+
+CalibrationConfig = Annotated[NoCalibration | MarginShift | MarginMask,
+                              Field(discriminator="type"), _tagged("shift", {"mode": "type", "mask_form": "form"})]
+
+
+class NoImportance(_Section):
+    """No behaviour correction: every token weighs 1 (exact only at lag 0 with identical log-probs)."""
+
+    type: Literal["none"] = "none"
+
+
+class TruncatedIS(_Section):
+    """SPEC §2 truncated importance sampling: w_t = min(π_S,old / π_behave, upper)."""
+
+    type: Literal["tis"] = "tis"
+    upper: float = Field(5.0, gt=0, description="Truncation bound of the behaviour weight (SPEC §2 default 5).")
+
+
+class IcePop(_Section):
+    """SPEC §2 ICE-POP: w_t = π_S,old / π_behave inside [low, high], 0 outside (the token is masked)."""
+
+    type: Literal["icepop"] = "icepop"
+    low: float = Field(0.5, gt=0, description="Lower end of the kept band of behaviour weights.")
+    high: float = Field(2.0, gt=0, description="Upper end of the kept band of behaviour weights.")
+
+    @model_validator(mode="after")
+    def _band(self) -> IcePop:
+        if self.low >= self.high:
+            raise ValueError(f"`low` ({self.low:g}) must be < `high` ({self.high:g}): the band of kept weights "
+                             "would be empty")
+        return self
+
+
+ImportanceConfig = Annotated[NoImportance | TruncatedIS | IcePop,
+                             Field(discriminator="type"), _tagged("tis", {"mode": "type", "tis_upper": "upper", "icepop_low": "low", "icepop_high": "high"})]
+
+
+class PolicyGradientTerm(_Section):
+    """SPEC §1: clipped policy gradient on A_t = log π_T − log π_S,old (+ the SPEC §4 calibration), the
+    behaviour weight of SPEC §2 applied per token. The term that carries the margin calibration."""
+
+    weight: float = Field(1.0, gt=0, description="Weight of this term in the loss.")
+    eps_low: float = Field(0.2, ge=0, lt=1, description="ε_low: ρ is clipped below at 1 − ε_low (Uni-OPD: 0.2).")
+    eps_high: float = Field(0.28, ge=0, description="ε_high: ρ is clipped above at 1 + ε_high (Uni-OPD: 0.28).")
+    mask_threshold: float = Field(10.0, gt=0, description="Tokens with |log πθ − log πT| ≥ this are masked.")
+
+
+class ReverseKLPG(_Section):
+    """SPEC §6 ``reverse_kl_pg`` (default): the SPEC §1 sampled-token policy gradient alone."""
+
+    type: Literal["reverse_kl_pg"] = "reverse_kl_pg"
+    pg: PolicyGradientTerm = Field(PolicyGradientTerm(), description="The SPEC §1 term's settings.")
+
+    @property
+    def summary(self) -> str:
+        return f"{self.pg.weight:g}×reverse_kl_pg"
+
+
+class TopKObjective(_Section):
+    """A SPEC §6 per-token divergence over the teacher's top-k + one tail category, differentiated in the
+    student directly, optionally summed with the SPEC §1 term. A subclass adds its ``type`` and own keys
+    (and learner/objectives.py one ``TOPK_DIVERGENCES`` entry)."""
+
+    weight: float = Field(1.0, gt=0, description="Weight of the distribution term in the loss.")
+    top_k: int = Field(32, ge=1, description="Teacher top-k log-probs returned per position (capped at the "
+                       "vocabulary: k ≥ vocabulary makes the divergence exact).")
+    on_masked: bool = Field(
+        False, description="Apply the distribution term also to responses masked by SPEC §3.2 balancing or the "
+        "§4 margin mask, so those shape only the SPEC §1 term (false: a masked response has zero loss weight "
+        "in both terms).")
+    pg: PolicyGradientTerm | None = Field(
+        None, description="Add the SPEC §1 term (which carries the §4 margin calibration) with these settings, "
+        "e.g. `pg: {weight: 0.1}`; null: the distribution term alone.")
+
+    @property
+    def summary(self) -> str:
+        pg = f"{self.pg.weight:g}×reverse_kl_pg + " if self.pg else ""
+        return f"{pg}{self.weight:g}×{self.type} (top-{self.top_k}{', masked responses too' if self.on_masked else ''})"
+
+
+class ReverseKLTopK(TopKObjective):
+    """``reverse_kl_topk``: KL(student ‖ teacher) = Σ p_S (log p_S − log p_T) over top-k + tail."""
+
+    type: Literal["reverse_kl_topk"] = "reverse_kl_topk"
+
+
+class ForwardKLTopK(TopKObjective):
+    """``forward_kl_topk``: KL(teacher ‖ student) = Σ p_T (log p_T − log p_S) over top-k + tail."""
+
+    type: Literal["forward_kl_topk"] = "forward_kl_topk"
+
+
+class JSDTopK(TopKObjective):
+    """``jsd``: generalised Jensen–Shannon β·KL(T ‖ M) + (1−β)·KL(S ‖ M), M = β p_T + (1−β) p_S (GKD)."""
+
+    type: Literal["jsd"] = "jsd"
+    beta: float = Field(0.5, ge=0, le=1, description="β: 0 is forward KL, 1 reverse KL (TRL's convention).")
+
+    @property
+    def summary(self) -> str:
+        return super().summary.replace("×jsd", f"×jsd(β={self.beta:g})")
+
+
+ObjectiveConfig = Annotated[ReverseKLPG | ReverseKLTopK | ForwardKLTopK | JSDTopK,
+                            Field(discriminator="type"), _tagged("reverse_kl_pg", {
+                                "dist_kind": "type", "dist_weight": "weight (of a top-k `type`)", "jsd_beta": "beta "
+                                "(`type: jsd`)", "dist_on_masked": "on_masked", "pg_weight": "pg.weight", "eps_low":
+                                "pg.eps_low", "eps_high": "pg.eps_high", "mask_threshold": "pg.mask_threshold"})]
+
+
+class _Warmup(_Section):
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from lr / warmup_steps to lr over this many steps.")
+
+
+class ConstantLR(_Warmup):
+    """Warm-up, then the peak ``learner.lr`` to the end."""
+
+    type: Literal["constant"] = "constant"
+
+
+class _Decaying(_Warmup):
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Learning rate at the last step, as a fraction of lr.")
+
+
+class CosineLR(_Decaying):
+    """Warm-up, then cosine decay from lr to min_lr_ratio × lr at the last step."""
+
+    type: Literal["cosine"] = "cosine"
+
+
+class LinearLR(_Decaying):
+    """Warm-up, then linear decay from lr to min_lr_ratio × lr at the last step."""
+
+    type: Literal["linear"] = "linear"
+
+
+LRSchedule = Annotated[ConstantLR | CosineLR | LinearLR, Field(discriminator="type"), _tagged("constant")]
 
 
 class BufferConfig(_Section):
     balance: bool = Field(True, description="SPEC §3.2 online correctness-aware balancing.")
     balance_ratio: float = Field(1.0, gt=0, description="r: keep correct : incorrect = r : 1 in mixed groups.")
-    calibration: CalibrationConfig = CalibrationConfig()
+    calibration: CalibrationConfig = Field(MarginShift(), description="SPEC §4 margin calibration: `shift` "
+                                           "(default: mean, both, group, δ = 0.4), `mask` or `none`.")
     max_lag: int = Field(0, ge=0, description="η: off-policy lag bound (SPEC §2); 0 is synchronous on-policy.")
     truncated: Literal["keep", "mask", "incorrect"] = Field(
         "mask", description="A response cut at sampler.max_new_tokens: `mask` leaves it out of balancing, "
@@ -257,32 +475,6 @@ class BufferConfig(_Section):
         0.1, ge=0, le=1, description="The run stops, naming the teacher, when more than this fraction of its "
         "last teacher_failure_window responses failed (a failure gives A_t = 0, SPEC §1).")
     num_cpus: float = Field(0.25, gt=0)
-
-
-class ObjectiveConfig(_Section):
-    """SPEC §1 policy-gradient term plus an optional SPEC §6 top-k distribution term."""
-
-    pg_weight: float = Field(1.0, ge=0, description="Weight of the SPEC §1 clipped policy-gradient term.")
-    eps_low: float = Field(0.2, ge=0, lt=1)
-    eps_high: float = Field(0.28, ge=0)
-    mask_threshold: float = Field(10.0, gt=0, description="Tokens with |log πθ − log πT| ≥ this are masked.")
-    dist_weight: float = Field(0.0, ge=0, description="Weight of the top-k distribution-matching term (0: off).")
-    dist_kind: Literal["reverse_kl_topk", "forward_kl_topk", "jsd"] = "reverse_kl_topk"
-    jsd_beta: float = Field(0.5, ge=0, le=1)
-    top_k: int = Field(32, ge=1, description="Teacher top-k log-probs returned per position for the distribution term.")
-    dist_on_masked: bool = Field(
-        False, description="Apply the distribution term also to responses masked by SPEC §3.2 balancing or the "
-        "§4 margin mask, so those shape only the SPEC §1 term (false: a masked response has zero loss weight "
-        "in both terms).")
-
-
-class ImportanceConfig(_Section):
-    """SPEC §2 behaviour-policy correction of lagged tokens."""
-
-    mode: Literal["none", "tis", "icepop"] = "tis"
-    tis_upper: float = Field(5.0, gt=0)
-    icepop_low: float = Field(0.5, gt=0)
-    icepop_high: float = Field(2.0, gt=0)
 
 
 class LearnerConfig(_Section):
@@ -321,22 +513,26 @@ class LearnerConfig(_Section):
         "for this many positions at a time and recomputed in the backward pass, so at most chunk × vocabulary "
         "logits exist (1024 × 151,936 × 4 B = 0.6 GB for Qwen3).")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
-    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
-        "constant", description="After warm-up: constant, or cosine / linear decay to min_lr_ratio × lr at the "
-        "last step.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from lr / warmup_steps to lr.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate of a decaying schedule, as a "
-                                "fraction of lr.")
+    lr_schedule: LRSchedule = Field(ConstantLR(), description="Warm-up, then `constant`, `cosine` or `linear` "
+                                    "decay over run.steps (default: constant, no warm-up).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
-    objective: ObjectiveConfig = ObjectiveConfig()
-    importance: ImportanceConfig = ImportanceConfig()
+    objective: ObjectiveConfig = Field(ReverseKLPG(), description="The loss (SPEC §1, §6): `reverse_kl_pg` "
+                                       "(default), or a top-k divergence optionally summed with the SPEC §1 term.")
+    importance: ImportanceConfig = Field(TruncatedIS(), description="SPEC §2 behaviour correction of the tokens: "
+                                         "`tis` (default, upper 5), `icepop` or `none`.")
     num_cpus: float = Field(1, gt=0, description="CPUs per learner rank (Ray resources; also torch threads on CPU).")
     num_gpus: float = Field(0, ge=0, description="GPUs per learner rank (0: train on CPU).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every K steps (0: only at the end of the run).")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept (older ones are deleted).")
     skip_nonfinite: bool = Field(True, description="A NaN/inf loss or gradient skips the step (weights kept) "
                                  "instead of stopping the run.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schedule_keys_moved(cls, value: Any) -> Any:
+        _moved(value, {"warmup_steps": "lr_schedule.warmup_steps", "min_lr_ratio": "lr_schedule.min_lr_ratio"})
+        return value
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> LearnerConfig:
@@ -438,13 +634,6 @@ class RunConfig(_Section):
             if src.domain is not None and src.domain not in self.domains:
                 raise ValueError(f"data source {src.path!r} has `domain` {src.domain!r}, which is not a key of "
                                  f"`domains` (known: {sorted(self.domains)})")
-        imp = self.learner.importance
-        if imp.icepop_low >= imp.icepop_high:
-            raise ValueError(
-                f"`learner.importance.icepop_low` ({imp.icepop_low}) must be < `icepop_high` ({imp.icepop_high})"
-            )
-        if self.learner.objective.pg_weight == 0 and self.learner.objective.dist_weight == 0:
-            raise ValueError("`learner.objective.pg_weight` and `dist_weight` are both 0; the loss would be empty")
         return self
 
     # -- derived facts used by the driver and the plan ---------------------------------
@@ -462,7 +651,8 @@ class RunConfig(_Section):
 
     @property
     def needs_topk(self) -> bool:
-        return self.learner.objective.dist_weight > 0
+        """The objective has a SPEC §6 distribution term: teachers return top-k log-probs."""
+        return isinstance(self.learner.objective, TopKObjective)
 
 
 # ----------------------------------------------------------------------------------------
@@ -492,20 +682,44 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _user_path(tree: Any, loc: tuple) -> tuple[str, str | None]:
+    """The dotted key a user wrote for a pydantic error location: pydantic puts the tag of a
+    discriminated union (``shift``, ``code``) into the location; it is dropped here (and returned,
+    to say which variant the key was checked against)."""
+    parts, node, tag = [], tree, None
+    for p in loc:
+        if str(p).startswith("function-"):
+            continue
+        if isinstance(node, dict) and p not in node and isinstance(p, str) and node.get("type", p) == p \
+                and p != "type":
+            tag = p  # the union tag: the key lives in the same mapping
+            continue
+        if isinstance(node, str) and p == node:  # a bare tag written for the whole section
+            tag = p
+            continue
+        parts.append(str(p))
+        node = node.get(p) if isinstance(node, dict) else node[p] if isinstance(node, list) and \
+            isinstance(p, int) and p < len(node) else None
+    return ".".join(parts), tag
+
+
+def _format_error(err: ValidationError, source: str, tree: Any = None) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        # pydantic puts the discriminator tag into the location; keep the user-visible path.
+        key, tag = _user_path(tree, e["loc"])
         val = e.get("input")
+        msg = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
         if e["type"] == "extra_forbidden":
-            lines.append(f"  - `{key}` is not a known key; remove it or check its spelling")
+            where = f" of `type: {tag}`" if tag else ""
+            lines.append(f"  - `{key}` is not a known key{where}; remove it or check its spelling")
         elif e["type"] == "missing":
             lines.append(f"  - `{key}` is required; set it in the YAML or as `{key}=...`")
+        elif e["type"] == "union_tag_invalid":
+            lines.append(f"  - `{key}.type` is {e['ctx']['tag']!r}; it must be one of {e['ctx']['expected_tags']}")
         else:
             shown = repr(val) if not isinstance(val, dict) else "{...}"
             where = f"`{key}` is {shown}; " if key else ""
-            lines.append(f"  - {where}{e['msg']}")
+            lines.append(f"  - {where}{msg}")
     return "\n".join(lines)
 
 
@@ -527,7 +741,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, str(path))) from None
+        raise ConfigError(_format_error(e, str(path), tree)) from None
 
 
 def check_paths(cfg: RunConfig, only_existing: bool = False) -> list[str]:

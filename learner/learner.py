@@ -13,8 +13,8 @@ min-p, top-k, top-p applied), so the behaviour weight compares them with the
 learner's log-probs under the same ``LogitProcessing``, computed without gradient
 from the same hidden states; the objectives use the model's own distribution.
 
-Loss (learner/objectives.py): ``pg_weight`` × SPEC §1 clipped policy gradient on
-the calibrated advantages + ``dist_weight`` × a SPEC §6 top-k distribution term,
+Loss (learner/objectives.py, ``learner.objective``): ``pg.weight`` × SPEC §1 clipped policy
+gradient on the calibrated advantages + ``weight`` × a SPEC §6 top-k distribution term,
 reduced as SPEC §1 says (per response mean, summed, divided by every response of
 the global batch, masked ones included).
 
@@ -42,7 +42,8 @@ from actors.concurrency import CONTROL
 import torch
 
 from buffers.records import TrainBatch, TrainSample
-from configs.schema import LearnerConfig, WeightSyncConfig
+from configs.schema import (ConstantLR, CosineLR, IcePop, ImportanceConfig, LearnerConfig, LRSchedule, TopKObjective,
+                            TruncatedIS, WeightSyncConfig)
 from learner import objectives as obj
 from learner.logprobs import LogitProcessing, ResponseLogprobModel
 
@@ -64,22 +65,31 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
-def lr_lambda(cfg: LearnerConfig, total_steps: int):
-    """Warmup, then constant / cosine / linear decay to ``min_lr_ratio``."""
+def lr_lambda(schedule: LRSchedule, total_steps: int):
+    """``learner.lr_schedule`` as a LambdaLR factor: linear warm-up, then constant, or cosine / linear
+    decay to ``min_lr_ratio`` at ``total_steps``."""
 
     def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
+        if schedule.warmup_steps and step < schedule.warmup_steps:
+            return (step + 1) / schedule.warmup_steps
+        if isinstance(schedule, ConstantLR):
             return 1.0
-        frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        if cfg.lr_schedule == "cosine":
-            decay = 0.5 * (1 + math.cos(math.pi * frac))
-        else:
-            decay = 1.0 - frac
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+        frac = min(1.0, (step - schedule.warmup_steps) / max(1, total_steps - schedule.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if isinstance(schedule, CosineLR) else 1.0 - frac
+        return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * decay
 
     return f
+
+
+def behaviour_weights(imp: ImportanceConfig, old_logp_BT: torch.Tensor, behave_logp_BT: torch.Tensor,
+                      mask_BT: torch.Tensor) -> torch.Tensor:
+    """SPEC §2 behaviour weight of every token under ``learner.importance``."""
+    if isinstance(imp, TruncatedIS):
+        return obj.behaviour_weights(old_logp_BT, behave_logp_BT, mask_BT, mode="tis", tis_upper=imp.upper)
+    if isinstance(imp, IcePop):
+        return obj.behaviour_weights(old_logp_BT, behave_logp_BT, mask_BT, mode="icepop", icepop_low=imp.low,
+                                     icepop_high=imp.high)
+    return obj.behaviour_weights(old_logp_BT, behave_logp_BT, mask_BT, mode="none")
 
 
 def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> dict[str, torch.Tensor]:
@@ -228,7 +238,7 @@ class Learner:
                                          adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(policy.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg, self.total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg.lr_schedule, self.total_steps))
         zero: dict = {"stage": self.cfg.zero_stage}
         if self.cfg.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -290,41 +300,44 @@ class Learner:
                     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """One micro-batch's share of the step loss, its stats, and the model output it came from."""
         o = self.cfg.objective
-        top_k = o.top_k if o.dist_weight > 0 else 0
+        dist = o if isinstance(o, TopKObjective) else None
         b = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
-             for k, v in collate(samples, self.pad_id, top_k).items()}
+             for k, v in collate(samples, self.pad_id, dist.top_k if dist else 0).items()}
         # collate caps top_k at what the teacher returned
         top_k = b["topk_ids_BTK"].shape[-1] if b["topk_ids_BTK"] is not None else 0
         logp_BTJ, out_NJ, old_proc = self._logprobs(b, top_k, processed=True)
         mask = b["mask_BT"]
         logp = logp_BTJ[..., 0]
         old = logp.detach()
-        has_t = b["has_teacher_B"][:, None]
-        # SPEC §1: A_t = log πT − log π_S,old (+ SPEC §4 shift); a failed teacher call gives A_t = 0.
-        teacher = torch.where(has_t > 0, b["teacher_BT"], old)
-        adv = (obj.distill_advantage(teacher, old) + b["shift_B"][:, None]) * has_t
-        imp = self.cfg.importance
-        # SPEC §2: π_S,old / π_behave, both under the samplers' processing (temperature, top-p, ...)
-        w_BT = obj.behaviour_weights(old_proc, b["behave_BT"], mask, mode=imp.mode, tis_upper=imp.tis_upper,
-                                     icepop_low=imp.icepop_low, icepop_high=imp.icepop_high)
-        pg_B, pg_stats = obj.pg_loss_per_response(
-            logp, old, adv, mask, eps_low=o.eps_low, eps_high=o.eps_high, teacher_logp_BT=teacher,
-            mask_threshold=o.mask_threshold, weight_BT=w_BT)
-        stats = {"pg_loss": float(obj.reduce_over_batch(pg_B.detach(), b["weight_B"], n_total)),
-                 "mismatch_kl": float(obj.mismatch_kl(old_proc, b["behave_BT"], mask)),
-                 "clip_frac": float(pg_stats.clip_frac),
-                 "masked_token_frac": float(pg_stats.masked_token_frac)}
+        stats = {"mismatch_kl": float(obj.mismatch_kl(old_proc, b["behave_BT"], mask))}
+        pg_B = None
+        if o.pg is not None:
+            has_t = b["has_teacher_B"][:, None]
+            # SPEC §1: A_t = log πT − log π_S,old (+ SPEC §4 shift); a failed teacher call gives A_t = 0.
+            teacher = torch.where(has_t > 0, b["teacher_BT"], old)
+            adv = (obj.distill_advantage(teacher, old) + b["shift_B"][:, None]) * has_t
+            # SPEC §2: π_S,old / π_behave, both under the samplers' processing (temperature, top-p, ...)
+            w_BT = behaviour_weights(self.cfg.importance, old_proc, b["behave_BT"], mask)
+            pg_B, pg_stats = obj.pg_loss_per_response(
+                logp, old, adv, mask, eps_low=o.pg.eps_low, eps_high=o.pg.eps_high, teacher_logp_BT=teacher,
+                mask_threshold=o.pg.mask_threshold, weight_BT=w_BT)
+            stats.update({"pg_loss": float(obj.reduce_over_batch(pg_B.detach(), b["weight_B"], n_total)),
+                          "clip_frac": float(pg_stats.clip_frac),
+                          "masked_token_frac": float(pg_stats.masked_token_frac)})
         dist_B = None
-        if top_k:
+        if dist is not None and top_k:
             dist_mask = mask * b["has_topk_B"][:, None]
             tok_BT = obj.topk_divergence_from_logprobs(logp_BTJ[..., 1:], b["topk_lp_BTK"], dist_mask,
-                                                       kind=_DIST_KIND[o.dist_kind], beta=o.jsd_beta)
+                                                       **obj.TOPK_OBJECTIVES[dist.type](dist))
             dist_B = obj.per_response_mean(tok_BT, dist_mask)
-            dist_w_B = obj.dist_term_weights(b["weight_B"], o.dist_on_masked, b["excluded_B"])
+            dist_w_B = obj.dist_term_weights(b["weight_B"], dist.on_masked, b["excluded_B"])
             stats["dist_loss"] = float(obj.reduce_over_batch(dist_B.detach(), dist_w_B, n_total))
+        if pg_B is None and dist_B is None:  # no §1 term and no top-k returned: nothing to learn from
+            return self._zero_loss(out_NJ), stats, out_NJ
         # SPEC §1 reduction over the *global* batch; DeepSpeed averages gradients over W ranks, so ×W.
-        loss = obj.combine_terms(pg_B, dist_B, b["weight_B"], n_total, pg_weight=o.pg_weight,
-                                 dist_weight=o.dist_weight, dist_on_masked=o.dist_on_masked,
+        loss = obj.combine_terms(pg_B, dist_B, b["weight_B"], n_total, pg_weight=o.pg.weight if o.pg else 0.0,
+                                 dist_weight=dist.weight if dist else 0.0,
+                                 dist_on_masked=dist.on_masked if dist else False,
                                  excluded_B=b["excluded_B"]) * self.W
         return loss, stats, out_NJ
 
@@ -557,4 +570,3 @@ class Learner:
 
 
 _ADDITIVE = ("pg_loss", "dist_loss")
-_DIST_KIND = {"reverse_kl_topk": "reverse_kl", "forward_kl_topk": "forward_kl", "jsd": "jsd"}

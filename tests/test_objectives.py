@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from learner.objectives import (
-    OBJECTIVES,
+    TOPK_OBJECTIVES,
     behaviour_weights,
     distill_advantage,
     forward_kl_topk,
@@ -336,15 +336,21 @@ def test_topk_teacher_mass_above_one_from_rounding_gives_no_nan() -> None:
         assert torch.isfinite(s_logits.grad).all(), kind
 
 
-def test_objectives_registry_names_and_values() -> None:
-    assert set(OBJECTIVES) == {"reverse_kl_topk", "forward_kl_topk", "jsd"}
-    assert OBJECTIVES["reverse_kl_topk"] is reverse_kl_topk
-    assert OBJECTIVES["forward_kl_topk"] is forward_kl_topk
-    assert OBJECTIVES["jsd"] is jsd_topk
+def test_every_topk_objective_of_the_config_has_its_registry_line_and_the_hand_values() -> None:
+    import typing
+
+    from configs.schema import ForwardKLTopK, JSDTopK, ObjectiveConfig, ReverseKLTopK, TopKObjective
+
+    variants = typing.get_args(typing.get_args(ObjectiveConfig)[0])
+    topk_types = {v.model_fields["type"].default for v in variants if issubclass(v, TopKObjective)}
+    assert set(TOPK_OBJECTIVES) == topk_types == {"reverse_kl_topk", "forward_kl_topk", "jsd"}
     logits, ids, t_logp, mask = _hand_topk_case()
-    assert OBJECTIVES["forward_kl_topk"](logits, ids, t_logp, mask).item() == pytest.approx(_HAND_FORWARD, abs=1e-5)
-    assert OBJECTIVES["reverse_kl_topk"](logits, ids, t_logp, mask).item() == pytest.approx(_HAND_REVERSE, abs=1e-5)
-    assert OBJECTIVES["jsd"](logits, ids, t_logp, mask).item() == pytest.approx(_HAND_JSD_HALF, abs=1e-5)
+    for cfg, want in ((ForwardKLTopK(), _HAND_FORWARD), (ReverseKLTopK(), _HAND_REVERSE), (JSDTopK(), _HAND_JSD_HALF)):
+        got = topk_divergence(logits, ids, t_logp, mask, **TOPK_OBJECTIVES[cfg.type](cfg))
+        assert got.item() == pytest.approx(want, abs=1e-5), cfg.type
+    # the variant's own key reaches the math: β = 0 is forward KL exactly
+    got = topk_divergence(logits, ids, t_logp, mask, **TOPK_OBJECTIVES["jsd"](JSDTopK(beta=0.0)))
+    assert got.item() == pytest.approx(_HAND_FORWARD, abs=1e-5)
 
 
 @pytest.mark.parametrize("beta", [-0.1, 1.5])
