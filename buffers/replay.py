@@ -36,7 +36,7 @@ import numpy as np
 
 from buffers.balance import balance_group
 from buffers.calibration import calibrate
-from buffers.records import Prompt, ScoredRollout, TrainBatch, TrainSample
+from buffers.records import Accounted, Outcome, Prompt, ScoredRollout, TrainBatch, TrainSample
 from configs.schema import BufferConfig
 
 
@@ -112,8 +112,11 @@ class ReplayBuffer:
         self.ready: deque[_Group] = deque()
         self.accepted = 0
         self.counters: Counter[str] = Counter()
-        self.accounting: list[tuple[str, int, int, str]] = []  # (prompt id, uid, epoch, outcome)
+        self.accounting: list[Accounted] = []
         self._last_metrics: dict[str, float] = {}
+
+    def _account(self, prompt: Prompt, outcome: Outcome) -> None:
+        self.accounting.append(Accounted(prompt.id, prompt.uid, prompt.epoch, outcome))
 
     # -- admission (SPEC §2) ------------------------------------------------------------------
     def capacity(self) -> int:
@@ -151,7 +154,7 @@ class ReplayBuffer:
         for p in prompts:
             if self.running.pop(p.uid, None) is not None:
                 self.pending.pop(p.uid, None)
-                self.accounting.append((p.id, p.uid, p.epoch, "requeued"))
+                self._account(p, "requeued")
                 self.queue.appendleft(replace(p, uid=-1))
                 self.counters["requeued"] += 1
 
@@ -191,7 +194,7 @@ class ReplayBuffer:
         rollouts = sorted(self.pending.pop(uid), key=lambda s: s.rollout.sample_idx)
         if any(s.rollout.finish_reason == "refused" for s in rollouts):
             # the engine would not take this prompt (sampler log says why): it fails alone
-            self.accounting.append((prompt.id, prompt.uid, prompt.epoch, "dropped_refused"))
+            self._account(prompt, "dropped_refused")
             self.counters["refused_prompts"] += 1
             return
         mode = self.cfg.truncated
@@ -224,7 +227,7 @@ class ReplayBuffer:
             if max(glag) > self.cfg.max_lag:
                 # SPEC §2: responses that still arrive with lag > η are dropped and counted.
                 dropped += len(g.rollouts)
-                self.accounting.append((g.prompt.id, g.prompt.uid, g.prompt.epoch, "dropped_stale"))
+                self._account(g.prompt, "dropped_stale")
                 continue
             kept_groups.append(g)
         self.counters["dropped_stale_responses"] += dropped
@@ -263,7 +266,7 @@ class ReplayBuffer:
                 )
             )
         for g in kept_groups:
-            self.accounting.append((g.prompt.id, g.prompt.uid, g.prompt.epoch, "trained"))
+            self._account(g.prompt, "trained")
 
         # -- metrics (SPEC §7) --
         n_total = len(samples)
@@ -305,8 +308,7 @@ class ReplayBuffer:
         m["buffer/ready_groups"] = len(self.ready)
         m["batch/responses"], m["batch/tokens"] = float(n_total), float(sum(len(x.response_ids) for x in samples))
         self._last_metrics = m
-        return TrainBatch(samples=samples, n_responses_total=n_total, metrics=m,
-                          prompt_ids=[g.prompt.id for g in kept_groups])
+        return TrainBatch(samples=samples, n_responses_total=n_total, prompt_ids=[g.prompt.id for g in kept_groups])
 
     def last_batch_metrics(self) -> dict[str, float]:
         """Metrics of the last batch handed out (the batch itself goes straight to the learner)."""
@@ -337,7 +339,7 @@ class ReplayBuffer:
         self.epoch, self.next_uid, self.version = st["epoch"], st["next_uid"], st["version"]
         self.cursors = [_Cursor(e, p, self._order(i, e) if e else None) for i, (e, p) in enumerate(st["cursors"])]
         self.ready, self.accepted = deque(st["ready"]), st["accepted"]
-        self.counters, self.accounting = Counter(st["counters"]), list(st["accounting"])
+        self.counters, self.accounting = Counter(st["counters"]), [Accounted(*a) for a in st["accounting"]]
         self.rng.setstate(st["rng"])
         self.running, self.pending = {p.uid: p for p in st["running"]}, {}
         lost = list(self.running.values())
@@ -357,7 +359,7 @@ class ReplayBuffer:
             **{f"count/{k}": v for k, v in self.counters.items()},
         }
 
-    def get_accounting(self) -> list[tuple[str, int, int, str]]:
+    def get_accounting(self) -> list[Accounted]:
         return list(self.accounting)
 
     def ready_flag(self) -> bool:

@@ -45,7 +45,7 @@ def test_schema_defaults_are_the_spec_defaults():
     (["buffer.calibration.form=greedy"], r"`buffer.calibration.form` is not a known key of `type: shift`"),
     (["buffer.calibration.type=mask", "buffer.calibration.direction=both"],
      r"`buffer.calibration.direction` is not a known key of `type: mask`"),
-    (["buffer.calibration.type=mask", "buffer.calibration.form=group_drop", "buffer.calibration.greedy_min_frac=0.5"],
+    (["buffer.calibration={type: mask, form: group_drop, greedy_min_frac: 0.5}"],
      r"`greedy_min_frac` applies to `form: greedy` only"),
     (["buffer.calibration.mode=mask"], r"`mode` is now `type`"),
     (["learner.objective.beta=0.3"], r"`learner.objective.beta` is not a known key of `type: forward_kl_topk`"),
