@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from buffers.records import TrainSample
 from configs.schema import LearnerConfig, PolicyGradientTerm, ReverseKLTopK, TopKObjective
 from learner import objectives as obj
-from learner.learner import Learner, collate, plan_micro_batches
+from learner.batch import LearnerBatch, collate, plan_micro_batches
+from learner.learner import Learner
 from learner.logprobs import ResponseLogprobModel, chunked_logprobs
 
 V = 61  # a prime: no chunk size used below divides a row count by accident
@@ -170,22 +171,38 @@ def _samples(K=4, n=7, seed=0):
     return out
 
 
+def test_collate_gives_a_typed_batch_aligned_on_response_tokens_with_top_k_capped_at_the_teachers():
+    samples = _samples(K=3)
+    b = collate(samples, 0, 8)  # 8 asked, the teacher returned 3
+    assert isinstance(b, LearnerBatch) and b.top_k == 3 and b.topk_ids_BTK.shape[-1] == 3
+    s = samples[1]
+    P, T = len(s.prompt_ids), len(s.response_ids)
+    assert b.ids_BL[1, : P + T].tolist() == s.prompt_ids + s.response_ids and b.attn_BL[1].sum() == P + T
+    assert b.pos_BT[1, :T].tolist() == list(range(P - 1, P - 1 + T))  # the output at P−1+t predicts token t
+    assert b.resp_BT[1, :T].tolist() == s.response_ids and b.mask_BT[1].sum() == T
+    assert (b.has_teacher_B[2], b.has_topk_B[2], b.weight_B[4], b.excluded_B[5]) == (0, 0, 0, 1)
+    assert torch.equal(b.topk_ids_BTK[1, :T], torch.from_numpy(s.topk_ids_TK.astype(np.int64)))
+    assert collate(samples, 0, 0).topk_ids_BTK is None and collate(samples, 0, 0).top_k == 0
+    moved = b.to("cpu")
+    assert moved.ids_BL.dtype == torch.long and torch.equal(moved.shift_B, b.shift_B)
+
+
 def _reference_loss(model, cfg: LearnerConfig, samples, n_total, W=1):
     """The learner's loss as computed before the chunked head: full logits at every position."""
     o, imp = cfg.objective, cfg.importance
     dist = o if isinstance(o, TopKObjective) else None
     b = collate(samples, 0, dist.top_k if dist else 0)
-    logits_BLV = model(input_ids=b["ids_BL"], attention_mask=b["attn_BL"]).logits
-    logits_BTV = logits_BLV.float().gather(1, b["pos_BT"][..., None].expand(-1, -1, logits_BLV.shape[-1]))
-    mask = b["mask_BT"]
-    logp = obj.gather_logprobs(logits_BTV, b["resp_BT"])
+    logits_BLV = model(input_ids=b.ids_BL, attention_mask=b.attn_BL).logits
+    logits_BTV = logits_BLV.float().gather(1, b.pos_BT[..., None].expand(-1, -1, logits_BLV.shape[-1]))
+    mask = b.mask_BT
+    logp = obj.gather_logprobs(logits_BTV, b.resp_BT)
     old = logp.detach()
     pg_B = None
     if o.pg is not None:
-        has_t = b["has_teacher_B"][:, None]
-        teacher = torch.where(has_t > 0, b["teacher_BT"], old)
-        adv = (obj.distill_advantage(teacher, old) + b["shift_B"][:, None]) * has_t
-        w_BT = obj.behaviour_weights(old, b["behave_BT"], mask, mode=imp.type, tis_upper=imp.upper)
+        has_t = b.has_teacher_B[:, None]
+        teacher = torch.where(has_t > 0, b.teacher_BT, old)
+        adv = (obj.distill_advantage(teacher, old) + b.shift_B[:, None]) * has_t
+        w_BT = obj.behaviour_weights(old, b.behave_BT, mask, mode=imp.type, tis_upper=imp.upper)
         pg_B, _ = obj.pg_loss_per_response(logp, old, adv, mask, eps_low=o.pg.eps_low, eps_high=o.pg.eps_high,
                                            teacher_logp_BT=teacher, mask_threshold=o.pg.mask_threshold, weight_BT=w_BT)
     dist_B = None
@@ -193,12 +210,12 @@ def _reference_loss(model, cfg: LearnerConfig, samples, n_total, W=1):
         kw = {"kind": {"reverse_kl_topk": "reverse_kl", "forward_kl_topk": "forward_kl", "jsd": "jsd"}[dist.type]}
         if dist.type == "jsd":
             kw["beta"] = dist.beta
-        tok_BT = obj.topk_divergence(logits_BTV, b["topk_ids_BTK"], b["topk_lp_BTK"], mask * b["has_topk_B"][:, None],
+        tok_BT = obj.topk_divergence(logits_BTV, b.topk_ids_BTK, b.topk_lp_BTK, mask * b.has_topk_B[:, None],
                                      **kw)
-        dist_B = obj.per_response_mean(tok_BT, mask * b["has_topk_B"][:, None])
-    return obj.combine_terms(pg_B, dist_B, b["weight_B"], n_total, pg_weight=o.pg.weight if o.pg else 0.0,
+        dist_B = obj.per_response_mean(tok_BT, mask * b.has_topk_B[:, None])
+    return obj.combine_terms(pg_B, dist_B, b.weight_B, n_total, pg_weight=o.pg.weight if o.pg else 0.0,
                              dist_weight=dist.weight if dist else 0.0, dist_on_masked=dist.on_masked if dist else False,
-                             excluded_B=b["excluded_B"]) * W
+                             excluded_B=b.excluded_B) * W
 
 
 def _learner(model, cfg: LearnerConfig, W=1) -> Learner:
