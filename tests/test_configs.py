@@ -22,6 +22,17 @@ def test_every_shipped_yaml_loads(path):
     assert cfg.domains and cfg.teachers
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_dumped_config_loads_back_equal_with_each_union_type_first(path, tmp_path):
+    from configs.schema import dump_config
+
+    cfg = load_config(path)
+    text = dump_config(cfg)
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert "calibration:\n    type: " in text and "objective:\n    type: " in text
+
+
 def test_defaults_are_the_released_uniopd_settings():
     c = load_config().buffer
     assert (c.calibration.type, c.calibration.statistic, c.calibration.direction, c.calibration.scope) == (

@@ -323,3 +323,14 @@ def test_policy_refuses_models_that_transform_logits_after_the_head():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
         ResponseLogprobModel(model, chunk_tokens=8)
+
+
+def test_lr_schedule_variants_warm_up_then_hold_or_decay_to_the_floor():
+    from configs.schema import ConstantLR, CosineLR, LinearLR
+    from learner.learner import lr_lambda
+
+    const, cos, lin = (lr_lambda(s, 10) for s in (ConstantLR(warmup_steps=2), CosineLR(warmup_steps=2, min_lr_ratio=0.1),
+                                                   LinearLR(warmup_steps=2, min_lr_ratio=0.2)))
+    assert [const(i) for i in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert cos(0) == 0.5 and cos(2) == pytest.approx(1.0) and cos(6) == pytest.approx(0.55) and cos(10) == pytest.approx(0.1)
+    assert lin(2) == pytest.approx(1.0) and lin(6) == pytest.approx(0.6) and lin(10) == pytest.approx(0.2)
