@@ -42,14 +42,11 @@ __all__ = [
     "TOPK_OBJECTIVES",
     "behaviour_weights",
     "distill_advantage",
-    "forward_kl_topk",
     "gather_logprobs",
-    "jsd_topk",
     "mismatch_kl",
     "per_response_mean",
     "pg_loss_per_response",
     "reduce_over_batch",
-    "reverse_kl_topk",
     "topk_divergence",
     "topk_divergence_from_logprobs",
 ]
@@ -415,35 +412,7 @@ def topk_divergence_from_logprobs(
     return torch.where(real_BT, div_BT, torch.zeros_like(div_BT))
 
 
-def reverse_kl_topk(
-    student_logits_BTV: Tensor, teacher_topk_ids_BTK: Tensor, teacher_topk_logp_BTK: Tensor, mask_BT: Tensor
-) -> Tensor:
-    """SPEC §6 ``reverse_kl_topk``: KL(S ‖ T) over top-k + tail, per token."""
-    return topk_divergence(student_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK, mask_BT, kind="reverse_kl")
-
-
-def forward_kl_topk(
-    student_logits_BTV: Tensor, teacher_topk_ids_BTK: Tensor, teacher_topk_logp_BTK: Tensor, mask_BT: Tensor
-) -> Tensor:
-    """SPEC §6 ``forward_kl_topk``: KL(T ‖ S) over top-k + tail, per token."""
-    return topk_divergence(student_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK, mask_BT, kind="forward_kl")
-
-
-def jsd_topk(
-    student_logits_BTV: Tensor,
-    teacher_topk_ids_BTK: Tensor,
-    teacher_topk_logp_BTK: Tensor,
-    mask_BT: Tensor,
-    *,
-    beta: float = 0.5,
-) -> Tensor:
-    """SPEC §6 ``jsd(β)`` (GKD) over top-k + tail, per token."""
-    return topk_divergence(
-        student_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK, mask_BT, kind="jsd", beta=beta
-    )
-
-
-# SPEC §6 registry: the ``type`` of a top-k objective (a ``configs.schema.TopKObjective``
+# SPEC §6 registry: the ``type`` of a top-k objective (a ``configs.algorithm.TopKObjective``
 # subclass) → the keyword arguments of ``topk_divergence`` / ``topk_divergence_from_logprobs``
 # it stands for, its own keys read from the config variant. A new divergence is its math
 # above, one config class and one line here (tests/test_objectives.py checks that every

@@ -16,15 +16,12 @@ from learner.objectives import (
     TOPK_OBJECTIVES,
     behaviour_weights,
     distill_advantage,
-    forward_kl_topk,
     gather_logprobs,
-    jsd_topk,
     mismatch_kl,
     per_response_mean,
     pg_loss_per_response,
     combine_terms,
     reduce_over_batch,
-    reverse_kl_topk,
     topk_divergence,
 )
 
@@ -370,3 +367,7 @@ def test_combine_terms_masks_the_pg_term_and_optionally_the_distribution_term() 
     assert float(combine_terms(pg, dist, w, 2, dist_on_masked=True, **kw)) == pytest.approx(4.25)
     # no distribution term
     assert float(combine_terms(pg, None, w, 2, dist_on_masked=True, **kw)) == pytest.approx(0.25)
+    # no SPEC §1 term (a top-k objective without `pg`): (3 + 5)/2 over every response
+    assert float(combine_terms(None, dist, w, 2, dist_on_masked=True, **kw)) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="neither"):
+        combine_terms(None, None, w, 2, dist_on_masked=True, **kw)
