@@ -3,6 +3,9 @@
     Prompt ──sampler──▶ Rollout ──verifier──▶ VerifiedRollout ──teacher──▶ ScoredRollout
            ──buffer (balance §3.2, calibration §4, lag §2)──▶ TrainBatch ──▶ learner
 
+A verdict's reason is a ``Reason`` literal (its human detail beside it); every admitted
+prompt ends in one ``Accounted`` line whose ``outcome`` is an ``Outcome`` literal.
+
 Every response carries the policy version it was sampled under, so lag is always
 computable downstream. Token-level arrays are numpy (cheap to pickle through the
 Ray object store); shapes are in the names: ``_T`` response tokens, ``_TK`` top-k.
