@@ -74,10 +74,7 @@ def describe_plan(cfg: RunConfig) -> str:
         lines.append(f"  train   {src.label:<12} {src.weight / total_w:6.1%}  {dom:<10} {src.path}")
     for src in cfg.data.heldout or []:
         lines.append(f"  heldout {src.label:<12}         {src.domain or src.domain_key!s:<10} {src.path}")
-    o = cfg.learner.objective
-    lines.append(f"objective: {o.pg_weight:g}×reverse_kl_pg + {o.dist_weight:g}×{o.dist_kind} (top-{o.top_k}); "
-                 f"calibration: {cfg.buffer.calibration.mode}/{cfg.buffer.calibration.statistic}/"
-                 f"{cfg.buffer.calibration.direction} δ={cfg.buffer.calibration.delta}; "
+    lines.append(f"objective: {cfg.learner.objective.summary}; calibration: {cfg.buffer.calibration.summary}; "
                  f"balance r={cfg.buffer.balance_ratio if cfg.buffer.balance else 'off'}")
     ws, sp = cfg.weight_sync, cfg.sampler
     lines.append(f"weight sync: vLLM weight-transfer API, {ws.backend} engine, buckets of {ws.bucket_mb:g} MB, "

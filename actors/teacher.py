@@ -362,8 +362,5 @@ class TeacherRouter:
         self._cycle = {t: itertools.cycle(hs) for t, hs in replicas.items()}
         self.replicas = replicas
 
-    def teacher_name(self, domain: str) -> str:
-        return self.teacher_of_domain[domain]
-
     def pick(self, domain: str):
         return next(self._cycle[self.teacher_of_domain[domain]])

@@ -3,8 +3,10 @@
 Pluggable per domain (``domains.<d>.verifier.type``): ``math`` (``\\boxed{...}``
 extraction and math-verify equivalence), ``exact`` (exact string match) and
 ``code`` (the program runs against the problem's tests in a sandbox). A grader
-that raises makes the response incorrect with the reason recorded: no result
-counts as incorrect (SPEC notation), and the run goes on.
+that raises makes the response incorrect with reason ``verifier_error``: no result
+counts as incorrect (SPEC notation), and the run goes on. Graders take the typed
+``Prompt`` record and return a ``Verdict`` whose ``reason`` is one of
+``buffers.records.Reason`` (the human detail beside it).
 
 Within one call (``verify``, ``grade_many``) responses whose verdict depends on the
 same inputs are graded once: a group of n samples often repeats a response, and a code
@@ -24,14 +26,14 @@ from typing import Callable
 import ray
 
 from actors.concurrency import CONTROL
-from buffers.records import Prompt, Rollout, VerifiedRollout
-from configs.schema import CodeVerifier, DomainConfig
+from buffers.records import REASONS, Prompt, Rollout, Verdict, VerifiedRollout
+from configs.schema import CodeVerifier, DomainConfig, VerifierConfig
 
 log = logging.getLogger(__name__)
 
-GradeFn = Callable[[str, dict], tuple[bool, str]]  # (response, row fields) → (correct, reason)
-KeyFn = Callable[[str, dict], Hashable]  # (response, row fields) → what the verdict depends on
-GradeManyFn = Callable[[list[tuple[str, dict]]], list[tuple[bool, str]]]
+GradeFn = Callable[[str, Prompt], Verdict]  # (response, its prompt record) → verdict
+KeyFn = Callable[[str, Prompt], Hashable]  # (response, its prompt record) → what the verdict depends on
+GradeManyFn = Callable[[list[tuple[str, Prompt]]], list[Verdict]]
 
 
 @dataclass(frozen=True)
@@ -45,28 +47,46 @@ class Grader:
     grade_many: GradeManyFn | None = None
 
 
-def _answer_key(response: str, row: dict) -> Hashable:
-    return response, row.get("answer")
+def _answer(prompt: Prompt) -> str:
+    if prompt.answer is None:
+        raise ValueError(f"prompt {prompt.id!r} ({prompt.domain}) has no reference answer; set its source's "
+                         "`answer_key` to the column that holds it")
+    return prompt.answer
 
 
-def build_grader(kind) -> Grader:
+def _answer_key(response: str, prompt: Prompt) -> Hashable:
+    return response, prompt.answer
+
+
+def _code_verdict(result) -> Verdict:
+    """actors/verifiers/code.py's ``CodeResult`` as a verdict: its reason as is, its detail on one line."""
+    detail = result.detail.replace("\n", " ")
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    if result.reason not in REASONS:  # a reason code.py added that records.Reason does not list yet
+        return Verdict(False, "verifier_error", f"unknown code verdict {result.reason!r}: {detail}")
+    return Verdict(result.correct, result.reason, detail)
+
+
+def build_grader(kind: VerifierConfig) -> Grader:
     if kind.type == "math":
-        from actors.verifiers.math import grade
+        from actors.verifiers.math import verdict
 
-        return Grader(grade, _answer_key)
+        return Grader(lambda response, prompt: verdict(response, _answer(prompt)), _answer_key)
     if kind.type == "exact":
-        from actors.verifiers.exact import grade
+        from actors.verifiers.exact import verdict
 
-        return Grader(grade, _answer_key)
+        return Grader(lambda response, prompt: verdict(response, _answer(prompt)), _answer_key)
     if kind.type == "code":
-        from actors.verifiers.code import SandboxLimits, grade, grade_many, grading_inputs
+        from actors.verifiers.code import SandboxLimits, evaluate, evaluate_many, grading_inputs
 
         assert isinstance(kind, CodeVerifier)
         limits = SandboxLimits(wall_seconds=kind.wall_seconds, memory_bytes=kind.memory_mb * 2**20)
-        # (solution source, prompt, tests, entry point): responses that differ only outside
-        # the program (prose around a fenced block) share a sandbox run too.
-        return Grader(lambda response, row: grade(response, row, limits=limits), grading_inputs,
-                      lambda items: grade_many(items, limits, parallel=kind.parallel))
+        # The code verifier reads prompt, tests and entry_point as attributes of the record. The key:
+        # (solution source, prompt, tests, entry point): responses that differ only outside the program
+        # (prose around a fenced block) share a sandbox run too.
+        return Grader(lambda response, prompt: _code_verdict(evaluate(response, prompt, limits)), grading_inputs,
+                      lambda items: [_code_verdict(r) for r in evaluate_many(items, limits, parallel=kind.parallel)])
     raise ValueError(f"unknown verifier type {kind.type!r}")
 
 
@@ -75,22 +95,22 @@ class Verifier:
         self.graders = {d: build_grader(c.verifier) for d, c in domains.items()}
         self.busy_s = 0.0
 
-    def grade_text(self, text: str, prompt: Prompt) -> tuple[bool, str]:
+    def grade_text(self, text: str, prompt: Prompt) -> Verdict:
         try:
-            return self.graders[prompt.domain].grade(text, vars(prompt))
+            return self.graders[prompt.domain].grade(text, prompt)
         except Exception as e:  # noqa: BLE001 - a grader crash is an incorrect response, not a dead run
             log.warning("verifier for %s raised on prompt %s: %s", prompt.domain, prompt.id, e)
-            return False, f"verifier_error: {type(e).__name__}"
+            return Verdict(False, "verifier_error", f"{type(e).__name__}: {e}")
 
     def _key(self, text: str, prompt: Prompt) -> Hashable | None:
         try:
-            key = prompt.domain, self.graders[prompt.domain].key(text, vars(prompt))
+            key = prompt.domain, self.graders[prompt.domain].key(text, prompt)
             hash(key)
             return key
         except Exception:  # noqa: BLE001 - no key: graded on its own (grade_text reports the error)
             return None
 
-    def _grade_all(self, texts: list[str], prompts: list[Prompt]) -> list[tuple[bool, str]]:
+    def _grade_all(self, texts: list[str], prompts: list[Prompt]) -> list[Verdict]:
         """``grade_text`` of each pair; a pair whose key was seen earlier in the call reuses
         that verdict; a domain with ``grade_many`` grades its distinct pairs in one go."""
         first: dict[Hashable, int] = {}  # key → index of the pair that is graded
@@ -102,13 +122,13 @@ class Verifier:
             else:
                 source.append(first.setdefault(key, i))
         graded = sorted(set(source))
-        verdicts: dict[int, tuple[bool, str]] = {}
+        verdicts: dict[int, Verdict] = {}
         for domain in dict.fromkeys(prompts[i].domain for i in graded):
             mine = [i for i in graded if prompts[i].domain == domain]
             many = self.graders[domain].grade_many if domain in self.graders else None
             if many is not None and len(mine) > 1:
                 try:
-                    out = many([(texts[i], vars(prompts[i])) for i in mine])
+                    out = many([(texts[i], prompts[i]) for i in mine])
                     verdicts.update(zip(mine, out, strict=True))
                     continue
                 except Exception as e:  # noqa: BLE001 - fall back to one by one (each error recorded)
@@ -121,12 +141,12 @@ class Verifier:
     def verify(self, rollouts: list[Rollout]) -> list[VerifiedRollout]:
         t0 = time.perf_counter()
         verdicts = self._grade_all([r.text for r in rollouts], [r.prompt for r in rollouts])
-        out = [VerifiedRollout(r, *v) for r, v in zip(rollouts, verdicts, strict=True)]
+        out = [VerifiedRollout(r, v.correct, v.reason, v.detail) for r, v in zip(rollouts, verdicts, strict=True)]
         self.busy_s += time.perf_counter() - t0
         return out
 
     def grade_many(self, texts: list[str], prompts: list[Prompt]) -> list[bool]:
-        return [ok for ok, _ in self._grade_all(texts, prompts)]
+        return [v.correct for v in self._grade_all(texts, prompts)]
 
     @ray.method(concurrency_group=CONTROL)
     def ready(self) -> bool:

@@ -10,7 +10,8 @@ Invariant kept: for every calibrated set that has both outcomes, after a shift t
 gap c − w equals δ; a greedy mask never removes a class below
 max(1, ⌊greedy_min_frac·|class|⌋) responses, so a masked set still has both
 outcomes. Sets with a single outcome are never touched. Shift and mask are
-exclusive (one ``mode``). Every response given counts in the statistics, including
+exclusive: the settings are one variant of ``configs.schema.CalibrationConfig``
+(``none``, ``shift`` or ``mask``, each with only its own keys), used here as is. Every response given counts in the statistics, including
 those masked by §3.2 balancing (SPEC §3.2).
 
 Statistics (SPEC §4): ``minmax`` c = min G over S+, w = max G over S− (the paper's
@@ -24,11 +25,11 @@ Inferred details:
   would raise the gap equally, the best incorrect is removed (keeps the correct
   responses, which carry the positive signal). Within a class, ties in G go to the
   lowest response index.
-- ``n_shifted`` counts sets with gap < δ that the active mode acted on (0 for
-  ``mode="none"``), including greedy sets where the floor allowed no removal.
+- ``n_shifted`` counts sets with gap < δ that the variant acted on (0 for
+  ``none``), including greedy sets where the floor allowed no removal.
 - ``gap_after`` has one entry per set that still trains after calibration: a set
   dropped whole by ``group_drop`` has no gap afterwards and is left out, so
-  ``len(gap_after) == n_sets − (sets dropped)``. With ``mode="none"`` it equals
+  ``len(gap_after) == n_sets − (sets dropped)``. With ``none`` it equals
   ``gap_before``.
 """
 
@@ -37,66 +38,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
-__all__ = [
-    "Mode",
-    "Direction",
-    "MaskForm",
-    "Statistic",
-    "Scope",
-    "CalibrationSettings",
-    "CalibrationResult",
-    "calibrate",
-]
+from configs.schema import CalibrationConfig, MarginMask, MarginShift, NoCalibration, Statistic
 
-Mode = Literal["none", "shift", "mask"]
-Direction = Literal["correct_up", "incorrect_down", "both"]
-MaskForm = Literal["group_drop", "greedy"]
-Statistic = Literal["mean", "minmax"]
-Scope = Literal["group", "global"]
-
-_MODES: tuple[Mode, ...] = ("none", "shift", "mask")
-_DIRECTIONS: tuple[Direction, ...] = ("correct_up", "incorrect_down", "both")
-_MASK_FORMS: tuple[MaskForm, ...] = ("group_drop", "greedy")
-_STATISTICS: tuple[Statistic, ...] = ("mean", "minmax")
-_SCOPES: tuple[Scope, ...] = ("group", "global")
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """How SPEC §4 calibration runs. Defaults are the released scripts' setting."""
-
-    mode: Mode = "shift"
-    """``none`` (plain OPD), ``shift`` (margin shift) or ``mask`` (margin mask)."""
-    direction: Direction = "both"
-    """Shift only: who moves. ``both`` splits s in half between the classes."""
-    mask_form: MaskForm = "greedy"
-    """Mask only: ``group_drop`` (paper) or ``greedy`` (release)."""
-    statistic: Statistic = "mean"
-    """``mean`` (release) or ``minmax`` (paper's margin m(q) = min S+ − max S−)."""
-    scope: Scope = "group"
-    """``group``: each prompt's responses separately; ``global``: the whole batch."""
-    delta: float = 0.4
-    """Required gap δ ≥ 0 between the correct and incorrect statistic."""
-    greedy_min_frac: float = 0.25
-    """Greedy mask floor: a class keeps at least max(1, ⌊frac·|class|⌋) responses."""
-
-    def __post_init__(self) -> None:
-        for key, value, allowed in (
-            ("mode", self.mode, _MODES),
-            ("direction", self.direction, _DIRECTIONS),
-            ("mask_form", self.mask_form, _MASK_FORMS),
-            ("statistic", self.statistic, _STATISTICS),
-            ("scope", self.scope, _SCOPES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"`{key}` is {value!r}; it must be one of {list(allowed)}")
-        if not (math.isfinite(self.delta) and self.delta >= 0):
-            raise ValueError(f"`delta` is {self.delta!r}; it must be a finite number >= 0 (the required gap)")
-        if not (0.0 <= self.greedy_min_frac <= 1.0):
-            raise ValueError(f"`greedy_min_frac` is {self.greedy_min_frac!r}; it must lie in [0, 1]")
-
+__all__ = ["CalibrationResult", "calibrate"]
 
 @dataclass
 class CalibrationResult:
@@ -113,7 +58,7 @@ class CalibrationResult:
     n_sets: int = 0
     """Sets (groups, or the global set) with both outcomes."""
     n_shifted: int = 0
-    """Sets with gap < δ that the mode acted on."""
+    """Sets with gap < δ that the variant acted on."""
 
 
 def _stat_c(values: Sequence[float], statistic: Statistic) -> float:
@@ -132,7 +77,7 @@ def _gap(pos: Sequence[float], neg: Sequence[float], statistic: Statistic) -> fl
 def _greedy_removals(
     pos: list[tuple[float, int]],
     neg: list[tuple[float, int]],
-    settings: CalibrationSettings,
+    settings: MarginMask,
 ) -> list[int]:
     """Response indices removed by the greedy margin mask (SPEC §4, release form).
 
@@ -169,7 +114,7 @@ def calibrate(
     returns: Sequence[float],
     correct: Sequence[bool],
     group_ids: Sequence[int],
-    settings: CalibrationSettings,
+    settings: CalibrationConfig,
 ) -> CalibrationResult:
     """Margin shift / mask for a batch of responses (SPEC §4).
 
@@ -196,7 +141,6 @@ def calibrate(
         sets = list(by_group.values())
 
     stat = settings.statistic
-    delta = settings.delta
     for members in sets:
         pos = [i for i in members if correct[i]]
         neg = [i for i in members if not correct[i]]
@@ -205,14 +149,14 @@ def calibrate(
         result.n_sets += 1
         gap = _gap([returns[i] for i in pos], [returns[i] for i in neg], stat)
         result.gap_before.append(gap)
-        if settings.mode == "none" or gap >= delta:
+        if isinstance(settings, NoCalibration) or gap >= settings.delta:
             result.gap_after.append(gap)
             continue
         result.n_shifted += 1
 
-        if settings.mode == "shift":
+        if isinstance(settings, MarginShift):
             # SPEC §4 margin shift: s = δ − (c − w), split by direction.
-            s = delta - gap
+            s = settings.delta - gap
             up = {"correct_up": s, "incorrect_down": 0.0, "both": s / 2}[settings.direction]
             down = s - up
             for i in pos:
@@ -222,7 +166,7 @@ def calibrate(
             result.gap_after.append(
                 _gap([returns[i] + up for i in pos], [returns[i] - down for i in neg], stat)
             )
-        elif settings.mask_form == "group_drop":
+        elif settings.form == "group_drop":
             # SPEC §4 margin mask, paper form: the whole set goes.
             for i in members:
                 result.keep[i] = False

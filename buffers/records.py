@@ -3,6 +3,9 @@
     Prompt ──sampler──▶ Rollout ──verifier──▶ VerifiedRollout ──teacher──▶ ScoredRollout
            ──buffer (balance §3.2, calibration §4, lag §2)──▶ TrainBatch ──▶ learner
 
+A verdict's reason is a ``Reason`` literal (its human detail beside it); every admitted
+prompt ends in one ``Accounted`` line whose ``outcome`` is an ``Outcome`` literal.
+
 Every response carries the policy version it was sampled under, so lag is always
 computable downstream. Token-level arrays are numpy (cheap to pickle through the
 Ray object store); shapes are in the names: ``_T`` response tokens, ``_TK`` top-k.
@@ -11,12 +14,11 @@ Ray object store); shapes are in the names: ``_T`` response tokens, ``_TK`` top-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 
 TeacherStatus = Literal["ok", "failed"]
-DropReason = Literal["stale", "teacher_failed"]
 # vLLM's finish reasons, plus "refused": the engine would not take the prompt (too long, say);
 # such a prompt fails on its own and its group is dropped, the run goes on (buffers/replay.py).
 FinishReason = Literal["stop", "length", "abort", "refused"]
@@ -67,11 +69,37 @@ class Rollout:
         return self.finish_reason == "length"
 
 
+# Why a verifier gave its verdict; the human detail (the answers compared, the failing assert)
+# travels beside it. No result counts as incorrect (SPEC notation).
+Reason = Literal[
+    # math and exact: the (boxed) answer equals the reference, or not
+    "match", "mismatch",
+    # math: no complete \boxed{...} in the answer part; a <think> block never closed (no answer yet)
+    "no_boxed", "unclosed_think",
+    # code: actors/verifiers/code.py's own reasons (its CodeResult.reason), kept as they are
+    "passed", "failed", "error", "syntax_error", "timeout", "memory", "crashed", "no_code", "no_tests",
+    "unsupported", "harness_error",
+    # any domain: the grader raised (the response is incorrect, the run goes on)
+    "verifier_error",
+]
+REASONS: frozenset[str] = frozenset(get_args(Reason))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A grader's answer for one response."""
+
+    correct: bool
+    reason: Reason
+    detail: str = ""  # for people: what was compared, what failed
+
+
 @dataclass(frozen=True)
 class VerifiedRollout:
     rollout: Rollout
     correct: bool
-    reason: str  # e.g. "match", "mismatch", "no_boxed", "timeout"
+    reason: Reason
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,9 +159,23 @@ class TrainBatch:
 
     samples: list[TrainSample]
     n_responses_total: int  # denominator of SPEC §1 reduction (masked responses included)
-    metrics: dict[str, float] = field(default_factory=dict)
     prompt_ids: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return sum(len(s.response_ids) for s in self.samples)
+
+
+# How an admitted prompt ended (the buffer's accounting): trained; its group dropped for lag > η
+# (SPEC §2) or because the engine refused the prompt; or requeued after a lost generation (it is
+# admitted again under a new uid and ends again).
+Outcome = Literal["trained", "dropped_stale", "dropped_refused", "requeued"]
+
+
+class Accounted(NamedTuple):
+    """One line of the buffer's accounting (``accounting.jsonl``): every admitted uid ends in exactly one."""
+
+    prompt_id: str
+    uid: int
+    epoch: int
+    outcome: Outcome

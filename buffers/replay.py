@@ -39,8 +39,8 @@ from typing import Protocol
 import numpy as np
 
 from buffers.balance import balance_group
-from buffers.calibration import CalibrationSettings, calibrate
-from buffers.records import Prompt, ScoredRollout, TrainBatch, TrainSample
+from buffers.calibration import calibrate
+from buffers.records import Accounted, Outcome, Prompt, ScoredRollout, TrainBatch, TrainSample
 from configs.schema import BufferConfig
 
 
@@ -117,17 +117,11 @@ class ReplayBuffer:
         self.ready: deque[_Group] = deque()  # released in admission order, batched first-come
         self.accepted = 0
         self.counters: Counter[str] = Counter()
-        self.accounting: list[tuple[str, int, int, str]] = []  # (prompt id, uid, epoch, outcome)
+        self.accounting: list[Accounted] = []
         self._last_metrics: dict[str, float] = {}
-        self.calib = CalibrationSettings(
-            mode=cfg.calibration.mode,
-            direction=cfg.calibration.direction,
-            mask_form=cfg.calibration.mask_form,
-            statistic=cfg.calibration.statistic,
-            scope=cfg.calibration.scope,
-            delta=cfg.calibration.delta,
-            greedy_min_frac=cfg.calibration.greedy_min_frac,
-        )
+
+    def _account(self, prompt: Prompt, outcome: Outcome) -> None:
+        self.accounting.append(Accounted(prompt.id, prompt.uid, prompt.epoch, outcome))
 
     # -- admission (SPEC §2) ------------------------------------------------------------------
     def capacity(self) -> int:
@@ -165,7 +159,7 @@ class ReplayBuffer:
         for p in reversed(prompts):  # appended at the front: they keep their order
             if self.running.pop(p.uid, None) is not None:
                 self.pending.pop(p.uid, None)
-                self.accounting.append((p.id, p.uid, p.epoch, "requeued"))
+                self._account(p, "requeued")
                 self.queue.appendleft(replace(p, uid=-1))
                 self.counters["requeued"] += 1
         self._release()
@@ -206,7 +200,7 @@ class ReplayBuffer:
         rollouts = sorted(self.pending.pop(uid), key=lambda s: s.rollout.sample_idx)
         if any(s.rollout.finish_reason == "refused" for s in rollouts):
             # the engine would not take this prompt (sampler log says why): it fails alone
-            self.accounting.append((prompt.id, prompt.uid, prompt.epoch, "dropped_refused"))
+            self._account(prompt, "dropped_refused")
             self.counters["refused_prompts"] += 1
             self._release()
             return
@@ -250,7 +244,7 @@ class ReplayBuffer:
             if max(glag) > self.cfg.max_lag:
                 # SPEC §2: responses that still arrive with lag > η are dropped and counted.
                 dropped += len(g.rollouts)
-                self.accounting.append((g.prompt.id, g.prompt.uid, g.prompt.epoch, "dropped_stale"))
+                self._account(g.prompt, "dropped_stale")
                 continue
             kept_groups.append(g)
         self.counters["dropped_stale_responses"] += dropped
@@ -261,7 +255,7 @@ class ReplayBuffer:
         ok_idx = [i for i, (_, s, _, _, e) in enumerate(flat) if s.status == "ok" and not e]
         returns = [flat[i][1].distill_return() for i in ok_idx]
         cres = calibrate(
-            returns, [flat[i][3] for i in ok_idx], [flat[i][0] for i in ok_idx], self.calib
+            returns, [flat[i][3] for i in ok_idx], [flat[i][0] for i in ok_idx], self.cfg.calibration
         )
         shift = [0.0] * len(flat)
         calib_keep = [True] * len(flat)
@@ -289,7 +283,7 @@ class ReplayBuffer:
                 )
             )
         for g in kept_groups:
-            self.accounting.append((g.prompt.id, g.prompt.uid, g.prompt.epoch, "trained"))
+            self._account(g.prompt, "trained")
 
         # -- metrics (SPEC §7) --
         n_total = len(samples)
@@ -307,7 +301,8 @@ class ReplayBuffer:
         m["margin/gap_after"] = float(np.mean(cres.gap_after)) if cres.gap_after else 0.0
         m["margin/shift_mean"] = float(np.mean(np.abs(cres.shift))) if cres.shift else 0.0
         m["margin/groups_shifted_frac"] = cres.n_shifted / cres.n_sets if cres.n_sets else 0.0
-        m["margin/sets_mixed_frac"] = cres.n_sets / max(1, len(kept_groups)) if self.calib.scope == "group" else 0.0
+        m["margin/sets_mixed_frac"] = (cres.n_sets / max(1, len(kept_groups))
+                                       if self.cfg.calibration.scope == "group" else 0.0)
         m["margin/responses_masked_frac"] = 1.0 - float(np.mean(cres.keep)) if cres.keep else 0.0
         rc = [ret for ret, j in zip(returns, ok_idx) if flat[j][3]]
         ri = [ret for ret, j in zip(returns, ok_idx) if not flat[j][3]]
@@ -330,8 +325,7 @@ class ReplayBuffer:
         m["buffer/ready_groups"] = len(self.ready)
         m["batch/responses"], m["batch/tokens"] = float(n_total), float(sum(len(x.response_ids) for x in samples))
         self._last_metrics = m
-        return TrainBatch(samples=samples, n_responses_total=n_total, metrics=m,
-                          prompt_ids=[g.prompt.id for g in kept_groups])
+        return TrainBatch(samples=samples, n_responses_total=n_total, prompt_ids=[g.prompt.id for g in kept_groups])
 
     def last_batch_metrics(self) -> dict[str, float]:
         """Metrics of the last batch handed out (the batch itself goes straight to the learner)."""
@@ -364,7 +358,7 @@ class ReplayBuffer:
         self.epoch, self.next_uid, self.version = st["epoch"], st["next_uid"], st["version"]
         self.cursors = [_Cursor(e, p, self._order(i, e) if e else None) for i, (e, p) in enumerate(st["cursors"])]
         self.ready, self.accepted = deque(st["ready"]), st["accepted"]
-        self.counters, self.accounting = Counter(st["counters"]), list(st["accounting"])
+        self.counters, self.accounting = Counter(st["counters"]), [Accounted(*a) for a in st["accounting"]]
         self.rng.setstate(st["rng"])
         self.running, self.pending, self.held = {p.uid: p for p in st["running"]}, {}, {}
         lost = list(self.running.values())
@@ -385,7 +379,7 @@ class ReplayBuffer:
             **{f"count/{k}": v for k, v in self.counters.items()},
         }
 
-    def get_accounting(self) -> list[tuple[str, int, int, str]]:
+    def get_accounting(self) -> list[Accounted]:
         return list(self.accounting)
 
     def ready_flag(self) -> bool:

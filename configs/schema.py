@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+
+# The pluggable parts of the algorithm (configs/algorithm.py), re-exported: one import path for every config type.
+from configs.algorithm import (  # noqa: F401
+    CalibrationConfig, ConstantLR, CosineLR, ForwardKLTopK, IcePop, ImportanceConfig, JSDTopK, LinearLR, LRSchedule,
+    MarginMask, MarginShift, NoCalibration, NoImportance, ObjectiveConfig, PolicyGradientTerm, ReverseKLPG,
+    ReverseKLTopK, Section, Statistic, TopKObjective, TruncatedIS, moved_keys)
 
 DEFAULT_CONFIG = Path(__file__).with_name("demo.yaml")
 
@@ -25,11 +31,7 @@ class ConfigError(ValueError):
     """A configuration problem, with the key, the value and the fix in its message."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RunSection(_Section):
+class RunSection(Section):
     name: str = Field("demo", description="Run name: outputs go to <output_dir>/<name>/.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     seed: int = Field(0, description="Seed for sampling, balancing and the learner.")
@@ -56,7 +58,7 @@ class RunSection(_Section):
 DEMO_RECIPE_DOMAINS: dict[str, tuple[str, ...]] = {"default": ("math", "reverse"), "code": ("math", "code")}
 
 
-class DemoSection(_Section):
+class DemoSection(Section):
     prepare: bool = Field(
         True, description="Build the demo's tiny teachers, student and data on first use (cached under cache_dir)."
     )
@@ -66,7 +68,7 @@ class DemoSection(_Section):
         "'code' (math + code graded in the sandbox, configs/demo_code.yaml).")
 
 
-class DataSource(_Section):
+class DataSource(Section):
     """One source of prompts: a file, folder or glob of JSONL/JSON/Parquet/Arrow files (or a hub dataset
     name where the machine reaches one), loaded with Hugging Face ``datasets``, with its own column names."""
 
@@ -115,7 +117,7 @@ def _sources(value: Any) -> Any:
     return value
 
 
-class DataSection(_Section):
+class DataSection(Section):
     train: Annotated[list[DataSource], BeforeValidator(_sources)] = Field(
         description="Training sources, mixed by weight into one stream (a bare path: one source with canonical "
         "columns id, domain, prompt, answer).", min_length=1)
@@ -139,15 +141,15 @@ class DataSection(_Section):
                           "(datasets.map; the result is cached, so a repeated run pays nothing).")
 
 
-class MathVerifier(_Section):
+class MathVerifier(Section):
     type: Literal["math"] = "math"
 
 
-class ExactVerifier(_Section):
+class ExactVerifier(Section):
     type: Literal["exact"] = "exact"
 
 
-class CodeVerifier(_Section):
+class CodeVerifier(Section):
     type: Literal["code"] = "code"
     wall_seconds: float = Field(5.0, gt=0, description="Wall-clock limit of one program run.")
     memory_mb: int = Field(512, ge=16, description="Address-space limit of one program run.")
@@ -158,12 +160,12 @@ class CodeVerifier(_Section):
 VerifierConfig = Annotated[MathVerifier | ExactVerifier | CodeVerifier, Field(discriminator="type")]
 
 
-class DomainConfig(_Section):
+class DomainConfig(Section):
     teacher: str = Field(description="Name of the teacher (a key of `teachers`) that scores this domain.")
     verifier: VerifierConfig = Field(description="How a response of this domain is graded.")
 
 
-class TeacherConfig(_Section):
+class TeacherConfig(Section):
     """A teacher served by vLLM: scoring is a prefill with ``prompt_logprobs`` (SPEC §1, §6)."""
 
     path: str = Field(description="Hugging Face model directory of the teacher.")
@@ -184,11 +186,11 @@ class TeacherConfig(_Section):
                                  "samplers do (through vLLM's weight-transfer API).")
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     path: str = Field(description="Hugging Face model directory of the student (tokenizer included).")
 
 
-class SamplerConfig(_Section):
+class SamplerConfig(Section):
     type: Literal["vllm"] = "vllm"
     num_samplers: int = Field(1, ge=1, description="N sampler actors, each holding one vLLM engine.")
     chunk_prompts: int = Field(
@@ -227,26 +229,15 @@ class SamplerConfig(_Section):
     num_gpus: float = Field(0, ge=0)
 
 
-class VerifierSection(_Section):
+class VerifierSection(Section):
     num_cpus: float = Field(0.25, gt=0, description="Ray CPUs of the verifier actor.")
 
 
-class CalibrationConfig(_Section):
-    """SPEC §4 outcome-guided margin calibration. Defaults: the released Uni-OPD scripts."""
-
-    mode: Literal["none", "shift", "mask"] = "shift"
-    direction: Literal["correct_up", "incorrect_down", "both"] = "both"
-    mask_form: Literal["group_drop", "greedy"] = "greedy"
-    statistic: Literal["mean", "minmax"] = "mean"
-    scope: Literal["group", "global"] = "group"
-    delta: float = Field(0.4, ge=0, description="δ: required gap between correct and incorrect returns.")
-    greedy_min_frac: float = Field(0.25, gt=0, le=1)
-
-
-class BufferConfig(_Section):
+class BufferConfig(Section):
     balance: bool = Field(True, description="SPEC §3.2 online correctness-aware balancing.")
     balance_ratio: float = Field(1.0, gt=0, description="r: keep correct : incorrect = r : 1 in mixed groups.")
-    calibration: CalibrationConfig = CalibrationConfig()
+    calibration: CalibrationConfig = Field(MarginShift(), description="SPEC §4 margin calibration: `shift` "
+                                           "(default: mean, both, group, δ = 0.4), `mask` or `none`.")
     max_lag: int = Field(0, ge=0, description="η: off-policy lag bound (SPEC §2); 0 is synchronous on-policy.")
     truncated: Literal["keep", "mask", "incorrect"] = Field(
         "mask", description="A response cut at sampler.max_new_tokens: `mask` leaves it out of balancing, "
@@ -259,33 +250,7 @@ class BufferConfig(_Section):
     num_cpus: float = Field(0.25, gt=0)
 
 
-class ObjectiveConfig(_Section):
-    """SPEC §1 policy-gradient term plus an optional SPEC §6 top-k distribution term."""
-
-    pg_weight: float = Field(1.0, ge=0, description="Weight of the SPEC §1 clipped policy-gradient term.")
-    eps_low: float = Field(0.2, ge=0, lt=1)
-    eps_high: float = Field(0.28, ge=0)
-    mask_threshold: float = Field(10.0, gt=0, description="Tokens with |log πθ − log πT| ≥ this are masked.")
-    dist_weight: float = Field(0.0, ge=0, description="Weight of the top-k distribution-matching term (0: off).")
-    dist_kind: Literal["reverse_kl_topk", "forward_kl_topk", "jsd"] = "reverse_kl_topk"
-    jsd_beta: float = Field(0.5, ge=0, le=1)
-    top_k: int = Field(32, ge=1, description="Teacher top-k log-probs returned per position for the distribution term.")
-    dist_on_masked: bool = Field(
-        False, description="Apply the distribution term also to responses masked by SPEC §3.2 balancing or the "
-        "§4 margin mask, so those shape only the SPEC §1 term (false: a masked response has zero loss weight "
-        "in both terms).")
-
-
-class ImportanceConfig(_Section):
-    """SPEC §2 behaviour-policy correction of lagged tokens."""
-
-    mode: Literal["none", "tis", "icepop"] = "tis"
-    tis_upper: float = Field(5.0, gt=0)
-    icepop_low: float = Field(0.5, gt=0)
-    icepop_high: float = Field(2.0, gt=0)
-
-
-class LearnerConfig(_Section):
+class LearnerConfig(Section):
     """The DeepSpeed learner (learner/learner.py): data parallelism, precision and memory, the optimizer,
     the loss (SPEC §1, §2, §6) and checkpoints. Memory scales with ``max_tokens_per_micro_batch``
     (activations) and ``logit_chunk_tokens`` (one chunk of logits, ≈ chunk × vocabulary × 4 bytes),
@@ -321,22 +286,26 @@ class LearnerConfig(_Section):
         "for this many positions at a time and recomputed in the backward pass, so at most chunk × vocabulary "
         "logits exist (1024 × 151,936 × 4 B = 0.6 GB for Qwen3).")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
-    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
-        "constant", description="After warm-up: constant, or cosine / linear decay to min_lr_ratio × lr at the "
-        "last step.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from lr / warmup_steps to lr.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate of a decaying schedule, as a "
-                                "fraction of lr.")
+    lr_schedule: LRSchedule = Field(ConstantLR(), description="Warm-up, then `constant`, `cosine` or `linear` "
+                                    "decay over run.steps (default: constant, no warm-up).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
-    objective: ObjectiveConfig = ObjectiveConfig()
-    importance: ImportanceConfig = ImportanceConfig()
+    objective: ObjectiveConfig = Field(ReverseKLPG(), description="The loss (SPEC §1, §6): `reverse_kl_pg` "
+                                       "(default), or a top-k divergence optionally summed with the SPEC §1 term.")
+    importance: ImportanceConfig = Field(TruncatedIS(), description="SPEC §2 behaviour correction of the tokens: "
+                                         "`tis` (default, upper 5), `icepop` or `none`.")
     num_cpus: float = Field(1, gt=0, description="CPUs per learner rank (Ray resources; also torch threads on CPU).")
     num_gpus: float = Field(0, ge=0, description="GPUs per learner rank (0: train on CPU).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every K steps (0: only at the end of the run).")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept (older ones are deleted).")
     skip_nonfinite: bool = Field(True, description="A NaN/inf loss or gradient skips the step (weights kept) "
                                  "instead of stopping the run.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schedule_keys_moved(cls, value: Any) -> Any:
+        moved_keys(value, {"warmup_steps": "lr_schedule.warmup_steps", "min_lr_ratio": "lr_schedule.min_lr_ratio"})
+        return value
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> LearnerConfig:
@@ -347,7 +316,7 @@ class LearnerConfig(_Section):
         return self
 
 
-class WeightSyncConfig(_Section):
+class WeightSyncConfig(Section):
     backend: Literal["gloo", "nccl"] = Field("gloo", description="Collective backend: nccl on GPUs, gloo on CPU.")
     bucket_mb: float = Field(64, gt=0, description="Weights are flattened and broadcast in buckets of this size.")
     timeout_s: float = Field(120, gt=0, description="A weight update (or the transfer group's set-up) that does not "
@@ -357,7 +326,7 @@ class WeightSyncConfig(_Section):
                              "learner rank 0's node (Ray's view of it); set it when that interface is not routable.")
 
 
-class ChaosSection(_Section):
+class ChaosSection(Section):
     """Fault injection for tests and drills: random delays in the stages (off by default)."""
 
     sampler_delay_s: float = Field(0.0, ge=0, description="Each generate call first sleeps U(0, this) seconds.")
@@ -366,7 +335,7 @@ class ChaosSection(_Section):
         0, ge=0, description="Kill the driver half-way through writing the checkpoint of this step (0: never).")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     run: RunSection = RunSection()
     demo: DemoSection = DemoSection()
     data: DataSection
@@ -438,13 +407,6 @@ class RunConfig(_Section):
             if src.domain is not None and src.domain not in self.domains:
                 raise ValueError(f"data source {src.path!r} has `domain` {src.domain!r}, which is not a key of "
                                  f"`domains` (known: {sorted(self.domains)})")
-        imp = self.learner.importance
-        if imp.icepop_low >= imp.icepop_high:
-            raise ValueError(
-                f"`learner.importance.icepop_low` ({imp.icepop_low}) must be < `icepop_high` ({imp.icepop_high})"
-            )
-        if self.learner.objective.pg_weight == 0 and self.learner.objective.dist_weight == 0:
-            raise ValueError("`learner.objective.pg_weight` and `dist_weight` are both 0; the loss would be empty")
         return self
 
     # -- derived facts used by the driver and the plan ---------------------------------
@@ -462,7 +424,8 @@ class RunConfig(_Section):
 
     @property
     def needs_topk(self) -> bool:
-        return self.learner.objective.dist_weight > 0
+        """The objective has a SPEC §6 distribution term: teachers return top-k log-probs."""
+        return isinstance(self.learner.objective, TopKObjective)
 
 
 # ----------------------------------------------------------------------------------------
@@ -492,20 +455,44 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _user_path(tree: Any, loc: tuple) -> tuple[str, str | None]:
+    """The dotted key a user wrote for a pydantic error location: pydantic puts the tag of a
+    discriminated union (``shift``, ``code``) into the location; it is dropped here (and returned,
+    to say which variant the key was checked against)."""
+    parts, node, tag = [], tree, None
+    for p in loc:
+        if str(p).startswith("function-"):
+            continue
+        if isinstance(node, dict) and p not in node and isinstance(p, str) and node.get("type", p) == p \
+                and p != "type":
+            tag = p  # the union tag: the key lives in the same mapping
+            continue
+        if isinstance(node, str) and p == node:  # a bare tag written for the whole section
+            tag = p
+            continue
+        parts.append(str(p))
+        node = node.get(p) if isinstance(node, dict) else node[p] if isinstance(node, list) and \
+            isinstance(p, int) and p < len(node) else None
+    return ".".join(parts), tag
+
+
+def _format_error(err: ValidationError, source: str, tree: Any = None) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        # pydantic puts the discriminator tag into the location; keep the user-visible path.
+        key, tag = _user_path(tree, e["loc"])
         val = e.get("input")
+        msg = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
         if e["type"] == "extra_forbidden":
-            lines.append(f"  - `{key}` is not a known key; remove it or check its spelling")
+            where = f" of `type: {tag}`" if tag else ""
+            lines.append(f"  - `{key}` is not a known key{where}; remove it or check its spelling")
         elif e["type"] == "missing":
             lines.append(f"  - `{key}` is required; set it in the YAML or as `{key}=...`")
+        elif e["type"] == "union_tag_invalid":
+            lines.append(f"  - `{key}.type` is {e['ctx']['tag']!r}; it must be one of {e['ctx']['expected_tags']}")
         else:
             shown = repr(val) if not isinstance(val, dict) else "{...}"
             where = f"`{key}` is {shown}; " if key else ""
-            lines.append(f"  - {where}{e['msg']}")
+            lines.append(f"  - {where}{msg}")
     return "\n".join(lines)
 
 
@@ -527,7 +514,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, str(path))) from None
+        raise ConfigError(_format_error(e, str(path), tree)) from None
 
 
 def check_paths(cfg: RunConfig, only_existing: bool = False) -> list[str]:
@@ -555,5 +542,12 @@ def check_paths(cfg: RunConfig, only_existing: bool = False) -> list[str]:
     return []
 
 
+def _type_first(node: Any) -> Any:
+    """A union section's ``type`` first, as one writes it (pydantic dumps base-class keys first)."""
+    if isinstance(node, dict):
+        return {k: _type_first(v) for k, v in sorted(node.items(), key=lambda kv: kv[0] != "type")}
+    return [_type_first(v) for v in node] if isinstance(node, list) else node
+
+
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(_type_first(cfg.model_dump(mode="json")), sort_keys=False)

@@ -2,7 +2,8 @@
 
 W learner actors form one DeepSpeed data-parallel group (gloo on CPU, NCCL on
 GPUs). Every rank sees the whole ``TrainBatch`` and computes the same plan from it
-(``plan_micro_batches``): its shard, cut into micro-batches of at most
+(``plan_micro_batches``, learner/batch.py, which also turns a micro-batch into a typed
+``LearnerBatch`` of tensors): its shard, cut into micro-batches of at most
 ``learner.max_tokens_per_micro_batch`` tokens, and one micro-batch count shared by
 all ranks (DeepSpeed needs the same number of backward passes everywhere).
 One optimizer step per batch, so π_S,old (SPEC §1) is the current parameters: the
@@ -13,8 +14,8 @@ min-p, top-k, top-p applied), so the behaviour weight compares them with the
 learner's log-probs under the same ``LogitProcessing``, computed without gradient
 from the same hidden states; the objectives use the model's own distribution.
 
-Loss (learner/objectives.py): ``pg_weight`` × SPEC §1 clipped policy gradient on
-the calibrated advantages + ``dist_weight`` × a SPEC §6 top-k distribution term,
+Loss (learner/objectives.py, ``learner.objective``): ``pg.weight`` × SPEC §1 clipped policy
+gradient on the calibrated advantages + ``weight`` × a SPEC §6 top-k distribution term,
 reduced as SPEC §1 says (per response mean, summed, divided by every response of
 the global batch, masked ones included).
 
@@ -42,8 +43,10 @@ from actors.concurrency import CONTROL
 import torch
 
 from buffers.records import TrainBatch, TrainSample
-from configs.schema import LearnerConfig, WeightSyncConfig
+from configs.schema import (ConstantLR, CosineLR, IcePop, ImportanceConfig, LearnerConfig, LRSchedule, TopKObjective,
+                            TruncatedIS, WeightSyncConfig)
 from learner import objectives as obj
+from learner.batch import LearnerBatch, collate, plan_micro_batches, response_positions
 from learner.logprobs import LogitProcessing, ResponseLogprobModel
 
 log = logging.getLogger(__name__)
@@ -64,127 +67,31 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
-def lr_lambda(cfg: LearnerConfig, total_steps: int):
-    """Warmup, then constant / cosine / linear decay to ``min_lr_ratio``."""
+def lr_lambda(schedule: LRSchedule, total_steps: int):
+    """``learner.lr_schedule`` as a LambdaLR factor: linear warm-up, then constant, or cosine / linear
+    decay to ``min_lr_ratio`` at ``total_steps``."""
 
     def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
+        if schedule.warmup_steps and step < schedule.warmup_steps:
+            return (step + 1) / schedule.warmup_steps
+        if isinstance(schedule, ConstantLR):
             return 1.0
-        frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        if cfg.lr_schedule == "cosine":
-            decay = 0.5 * (1 + math.cos(math.pi * frac))
-        else:
-            decay = 1.0 - frac
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+        frac = min(1.0, (step - schedule.warmup_steps) / max(1, total_steps - schedule.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if isinstance(schedule, CosineLR) else 1.0 - frac
+        return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * decay
 
     return f
 
 
-def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+response sequences and response-aligned token tensors."""
-    B = len(samples)
-    # The teacher may return fewer than top_k (top_k > vocab): never pad categories with fake ids.
-    top_k = min([top_k] + [s.topk_ids_TK.shape[1] for s in samples if s.topk_ids_TK is not None]) if top_k else 0
-    L = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    T = max(1, max(len(s.response_ids) for s in samples))
-    ids_BL = torch.full((B, L), pad_id, dtype=torch.long)
-    attn_BL = torch.zeros((B, L), dtype=torch.long)
-    pos_BT = torch.zeros((B, T), dtype=torch.long)
-    resp_BT = torch.full((B, T), pad_id, dtype=torch.long)
-    mask_BT = torch.zeros((B, T))
-    behave_BT = torch.zeros((B, T))
-    teacher_BT = torch.zeros((B, T))
-    has_teacher_B = torch.zeros(B)
-    shift_B = torch.zeros(B)
-    weight_B = torch.zeros(B)
-    excluded_B = torch.tensor([float(s.excluded) for s in samples])
-    topk_ids = torch.zeros((B, T, top_k), dtype=torch.long) if top_k else None
-    topk_lp = torch.zeros((B, T, top_k)) if top_k else None
-    has_topk_B = torch.zeros(B)
-    for i, s in enumerate(samples):
-        P, t = len(s.prompt_ids), len(s.response_ids)
-        ids_BL[i, : P + t] = torch.tensor(s.prompt_ids + s.response_ids)
-        attn_BL[i, : P + t] = 1
-        if t == 0:
-            continue
-        # logits at position P-1+j predict response token j
-        pos_BT[i, :t] = torch.arange(P - 1, P - 1 + t)
-        resp_BT[i, :t] = torch.tensor(s.response_ids)
-        mask_BT[i, :t] = 1
-        behave_BT[i, :t] = torch.from_numpy(np.array(s.behaviour_logprobs_T))
-        shift_B[i] = s.advantage_shift
-        weight_B[i] = s.weight
-        if s.teacher_logprobs_T is not None:
-            teacher_BT[i, :t] = torch.from_numpy(np.array(s.teacher_logprobs_T))
-            has_teacher_B[i] = 1
-        if top_k and s.topk_ids_TK is not None:
-            topk_ids[i, :t] = torch.from_numpy(s.topk_ids_TK[:, :top_k].astype(np.int64))
-            topk_lp[i, :t] = torch.from_numpy(np.array(s.topk_logprobs_TK[:, :top_k]))
-            has_topk_B[i] = 1
-    return dict(ids_BL=ids_BL, attn_BL=attn_BL, pos_BT=pos_BT, resp_BT=resp_BT, mask_BT=mask_BT,
-                behave_BT=behave_BT, teacher_BT=teacher_BT, has_teacher_B=has_teacher_B, shift_B=shift_B,
-                weight_B=weight_B, excluded_B=excluded_B, topk_ids_BTK=topk_ids, topk_lp_BTK=topk_lp, has_topk_B=has_topk_B)
-
-
-def plan_micro_batches(lengths: list[int], world_size: int, max_tokens: int,
-                       max_responses: int | None = None) -> list[list[list[int]]]:
-    """``plan[r][m]``: the indices (into the batch) of rank r's m-th micro-batch of this step.
-
-    Every rank computes this from the whole batch, so the ranks agree without a collective, and
-    every rank gets the same number of micro-batches (empty ones pad the shorter plans): DeepSpeed
-    needs the same number of backward passes per step on every rank (ZeRO-2/3 communicate inside
-    each one; ZeRO-3 inside each forward too).
-
-    Sharding: longest first, each response to the rank with the fewest tokens so far (ties: the
-    lower rank), so the ranks get similar work. Bucketing: each rank's responses, longest first,
-    cut greedily into micro-batches whose padded size (count × longest prompt+response) fits
-    ``max_tokens`` and that hold at most ``max_responses``; a response longer than the budget
-    gets a micro-batch of its own.
-
-    Why length-sorted buckets rather than padding-free packing: packing several responses into one
-    row needs an attention kernel that honours sequence boundaries inside the row (flash-attention
-    varlen through position ids); sdpa and eager, which CPUs and many GPU setups run, would attend
-    across responses or need an L × L block mask. Buckets work with every kernel and give each
-    response exactly the computation it gets alone; sorting keeps the padding small (neighbours
-    have similar lengths; the step metric ``pad_frac`` shows what is left).
-    """
-    if max_tokens < 1 or world_size < 1:
-        raise ValueError(f"max_tokens={max_tokens}, world_size={world_size}: both must be ≥ 1")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    shards: list[list[int]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for i in order:  # `order` is longest first, so each shard stays sorted longest first
-        r = min(range(world_size), key=lambda q: (load[q], q))
-        shards[r].append(i)
-        load[r] += lengths[i]
-    plan: list[list[list[int]]] = []
-    for shard in shards:
-        mbs: list[list[int]] = []
-        for i in shard:
-            cur = mbs[-1] if mbs else None
-            if cur is not None and (len(cur) + 1) * max(1, lengths[cur[0]]) <= max_tokens and \
-                    (max_responses is None or len(cur) < max_responses):
-                cur.append(i)
-            else:
-                mbs.append([i])
-        plan.append(mbs)
-    n_mb = max(1, max(len(mbs) for mbs in plan))
-    return [mbs + [[] for _ in range(n_mb - len(mbs))] for mbs in plan]
-
-
-def response_positions(b: dict[str, torch.Tensor], top_k: int) -> tuple[torch.Tensor, ...]:
-    """Where the loss reads the student: ``rows_N, cols_N`` (a row of ``ids_BL`` and the position whose
-    output predicts the token), ``t_N`` (the token's index in the response) and ``ids_NJ``: the sampled
-    token, then the teacher's top-k ids (id 0 where a response has none), for every real response token."""
-    rows, t = (b["mask_BT"] > 0).nonzero(as_tuple=True)
-    cols = b["pos_BT"][rows, t]
-    ids = [b["resp_BT"][rows, t, None]]
-    if top_k:
-        has_BT = (b["has_topk_B"][:, None] * b["mask_BT"]) > 0
-        ids.append(torch.where(has_BT[..., None], b["topk_ids_BTK"], 0)[rows, t])
-    return rows, cols, t, torch.cat(ids, dim=-1)
+def behaviour_weights(imp: ImportanceConfig, old_logp_BT: torch.Tensor, behave_logp_BT: torch.Tensor,
+                      mask_BT: torch.Tensor) -> torch.Tensor:
+    """SPEC §2 behaviour weight of every token under ``learner.importance``."""
+    if isinstance(imp, TruncatedIS):
+        return obj.behaviour_weights(old_logp_BT, behave_logp_BT, mask_BT, mode="tis", tis_upper=imp.upper)
+    if isinstance(imp, IcePop):
+        return obj.behaviour_weights(old_logp_BT, behave_logp_BT, mask_BT, mode="icepop", icepop_low=imp.low,
+                                     icepop_high=imp.high)
+    return obj.behaviour_weights(old_logp_BT, behave_logp_BT, mask_BT, mode="none")
 
 
 class Learner:
@@ -228,7 +135,7 @@ class Learner:
                                          adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(policy.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg, self.total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg.lr_schedule, self.total_steps))
         zero: dict = {"stage": self.cfg.zero_stage}
         if self.cfg.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -267,7 +174,7 @@ class Learner:
         return ResponseLogprobModel(model, chunk_tokens=cfg.logit_chunk_tokens)
 
     # -- training -------------------------------------------------------------------------
-    def _logprobs(self, b: dict[str, torch.Tensor], top_k: int, processed: bool = False
+    def _logprobs(self, b: LearnerBatch, top_k: int, processed: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Student log-probs at every real response token: ``(logp_BTJ, logp_NJ, proc_BT)``, J = 1 + top_k
         ids (the sampled token, then the teacher's top-k); 0 at padded positions. ``proc_BT``: with
@@ -275,10 +182,10 @@ class Learner:
         gradient; the same as column 0 when the processing is the identity), else None."""
         rows, cols, t, ids_NJ = response_positions(b, top_k)
         extra = processed and not self.processing.identity
-        out = self.engine(input_ids_BL=b["ids_BL"], attention_mask_BL=b["attn_BL"], rows_N=rows, cols_N=cols,
+        out = self.engine(input_ids_BL=b.ids_BL, attention_mask_BL=b.attn_BL, rows_N=rows, cols_N=cols,
                           token_ids_NJ=ids_NJ, processing=self.processing if extra else None)
         logp_NJ, proc_N = out if extra else (out, None)
-        B, T = b["mask_BT"].shape
+        B, T = b.mask_BT.shape
         logp_BTJ = logp_NJ.new_zeros((B, T, ids_NJ.shape[1])).index_put((rows, t), logp_NJ)
         proc_BT = None
         if processed:
@@ -290,42 +197,43 @@ class Learner:
                     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """One micro-batch's share of the step loss, its stats, and the model output it came from."""
         o = self.cfg.objective
-        top_k = o.top_k if o.dist_weight > 0 else 0
-        b = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
-             for k, v in collate(samples, self.pad_id, top_k).items()}
-        # collate caps top_k at what the teacher returned
-        top_k = b["topk_ids_BTK"].shape[-1] if b["topk_ids_BTK"] is not None else 0
+        dist = o if isinstance(o, TopKObjective) else None
+        b = collate(samples, self.pad_id, dist.top_k if dist else 0).to(self.device)
+        top_k = b.top_k  # collate caps it at what the teacher returned
         logp_BTJ, out_NJ, old_proc = self._logprobs(b, top_k, processed=True)
-        mask = b["mask_BT"]
+        mask = b.mask_BT
         logp = logp_BTJ[..., 0]
         old = logp.detach()
-        has_t = b["has_teacher_B"][:, None]
-        # SPEC §1: A_t = log πT − log π_S,old (+ SPEC §4 shift); a failed teacher call gives A_t = 0.
-        teacher = torch.where(has_t > 0, b["teacher_BT"], old)
-        adv = (obj.distill_advantage(teacher, old) + b["shift_B"][:, None]) * has_t
-        imp = self.cfg.importance
-        # SPEC §2: π_S,old / π_behave, both under the samplers' processing (temperature, top-p, ...)
-        w_BT = obj.behaviour_weights(old_proc, b["behave_BT"], mask, mode=imp.mode, tis_upper=imp.tis_upper,
-                                     icepop_low=imp.icepop_low, icepop_high=imp.icepop_high)
-        pg_B, pg_stats = obj.pg_loss_per_response(
-            logp, old, adv, mask, eps_low=o.eps_low, eps_high=o.eps_high, teacher_logp_BT=teacher,
-            mask_threshold=o.mask_threshold, weight_BT=w_BT)
-        stats = {"pg_loss": float(obj.reduce_over_batch(pg_B.detach(), b["weight_B"], n_total)),
-                 "mismatch_kl": float(obj.mismatch_kl(old_proc, b["behave_BT"], mask)),
-                 "clip_frac": float(pg_stats.clip_frac),
-                 "masked_token_frac": float(pg_stats.masked_token_frac)}
+        stats = {"mismatch_kl": float(obj.mismatch_kl(old_proc, b.behave_BT, mask))}
+        pg_B = None
+        if o.pg is not None:
+            has_t = b.has_teacher_B[:, None]
+            # SPEC §1: A_t = log πT − log π_S,old (+ SPEC §4 shift); a failed teacher call gives A_t = 0.
+            teacher = torch.where(has_t > 0, b.teacher_BT, old)
+            adv = (obj.distill_advantage(teacher, old) + b.shift_B[:, None]) * has_t
+            # SPEC §2: π_S,old / π_behave, both under the samplers' processing (temperature, top-p, ...)
+            w_BT = behaviour_weights(self.cfg.importance, old_proc, b.behave_BT, mask)
+            pg_B, pg_stats = obj.pg_loss_per_response(
+                logp, old, adv, mask, eps_low=o.pg.eps_low, eps_high=o.pg.eps_high, teacher_logp_BT=teacher,
+                mask_threshold=o.pg.mask_threshold, weight_BT=w_BT)
+            stats.update({"pg_loss": float(obj.reduce_over_batch(pg_B.detach(), b.weight_B, n_total)),
+                          "clip_frac": float(pg_stats.clip_frac),
+                          "masked_token_frac": float(pg_stats.masked_token_frac)})
         dist_B = None
-        if top_k:
-            dist_mask = mask * b["has_topk_B"][:, None]
-            tok_BT = obj.topk_divergence_from_logprobs(logp_BTJ[..., 1:], b["topk_lp_BTK"], dist_mask,
-                                                       kind=_DIST_KIND[o.dist_kind], beta=o.jsd_beta)
+        if dist is not None and top_k:
+            dist_mask = mask * b.has_topk_B[:, None]
+            tok_BT = obj.topk_divergence_from_logprobs(logp_BTJ[..., 1:], b.topk_lp_BTK, dist_mask,
+                                                       **obj.TOPK_OBJECTIVES[dist.type](dist))
             dist_B = obj.per_response_mean(tok_BT, dist_mask)
-            dist_w_B = obj.dist_term_weights(b["weight_B"], o.dist_on_masked, b["excluded_B"])
+            dist_w_B = obj.dist_term_weights(b.weight_B, dist.on_masked, b.excluded_B)
             stats["dist_loss"] = float(obj.reduce_over_batch(dist_B.detach(), dist_w_B, n_total))
+        if pg_B is None and dist_B is None:  # no §1 term and no top-k returned: nothing to learn from
+            return self._zero_loss(out_NJ), stats, out_NJ
         # SPEC §1 reduction over the *global* batch; DeepSpeed averages gradients over W ranks, so ×W.
-        loss = obj.combine_terms(pg_B, dist_B, b["weight_B"], n_total, pg_weight=o.pg_weight,
-                                 dist_weight=o.dist_weight, dist_on_masked=o.dist_on_masked,
-                                 excluded_B=b["excluded_B"]) * self.W
+        loss = obj.combine_terms(pg_B, dist_B, b.weight_B, n_total, pg_weight=o.pg.weight if o.pg else 0.0,
+                                 dist_weight=dist.weight if dist else 0.0,
+                                 dist_on_masked=dist.on_masked if dist else False,
+                                 excluded_B=b.excluded_B) * self.W
         return loss, stats, out_NJ
 
     def _zero_loss(self, out_NJ: torch.Tensor | None = None) -> torch.Tensor:
@@ -335,8 +243,7 @@ class Learner:
         if out_NJ is None:
             dummy = TrainSample([self.pad_id], [self.pad_id], np.zeros(1, np.float32), None, None, None, 0.0, 0.0,
                                 0, "", False, "")
-            b = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
-                 for k, v in collate([dummy], self.pad_id, 0).items()}
+            b = collate([dummy], self.pad_id, 0).to(self.device)
             out_NJ = self._logprobs(b, 0)[1]
         # nan_to_num: a non-finite output contributes a 0 upstream gradient, not NaN·0 = NaN
         return torch.nan_to_num(out_NJ, nan=0.0, posinf=0.0, neginf=0.0).sum() * 0.0
@@ -443,8 +350,7 @@ class Learner:
         for mb in plan_micro_batches(lengths, 1, self.cfg.max_tokens_per_micro_batch, self.cfg.micro_batch_size)[0]:
             if not mb:
                 continue
-            b = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
-                 for k, v in collate([samples[i] for i in mb], self.pad_id, 0).items()}
+            b = collate([samples[i] for i in mb], self.pad_id, 0).to(self.device)
             logp_BTJ, _, proc_BT = self._logprobs(b, 0, processed=processed)
             logp = (proc_BT if processed else logp_BTJ[..., 0]).cpu()
             for row, i in enumerate(mb):
@@ -557,4 +463,3 @@ class Learner:
 
 
 _ADDITIVE = ("pg_loss", "dist_loss")
-_DIST_KIND = {"reverse_kl_topk": "reverse_kl", "forward_kl_topk": "forward_kl", "jsd": "jsd"}

@@ -1,4 +1,4 @@
-"""Loss functions of the learner: pure torch, no model, no Ray, no config.
+"""Loss functions of the learner: pure torch, no model, no Ray (the registry reads a config variant's keys).
 
 What this module owns (sections of docs/algorithm.md in brackets):
 
@@ -9,8 +9,8 @@ What this module owns (sections of docs/algorithm.md in brackets):
 - behaviour (sampler) importance weights π_S,old / π_behave, truncated (TIS)
   or band-masked (ICE-POP), and the sampler↔learner mismatch KL  [§2];
 - per-token distribution divergences over the teacher's top-k plus one "tail"
-  category (forward KL, reverse KL, generalised JSD) and the registry that lets
-  the config pick one  [§6]; ``topk_divergence_from_logprobs`` takes the
+  category (forward KL, reverse KL, generalised JSD) and ``TOPK_OBJECTIVES``, the
+  registry from a config objective's ``type`` to its divergence  [§6]; ``topk_divergence_from_logprobs`` takes the
   student's top-k log-probs (what the learner's chunked head returns), the
   logits forms gather them from full-vocabulary logits.
 
@@ -30,26 +30,23 @@ K teacher top-k. ``mask_BT`` is 1.0 on real response tokens, 0.0 on padding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "OBJECTIVES",
-    "DistributionObjective",
     "PGStats",
+    "TOPK_OBJECTIVES",
     "behaviour_weights",
     "distill_advantage",
-    "forward_kl_topk",
     "gather_logprobs",
-    "jsd_topk",
     "mismatch_kl",
     "per_response_mean",
     "pg_loss_per_response",
     "reduce_over_batch",
-    "reverse_kl_topk",
     "topk_divergence",
     "topk_divergence_from_logprobs",
 ]
@@ -279,7 +276,7 @@ def reduce_over_batch(loss_B: Tensor, response_weight_B: Tensor, n_responses_tot
 
 
 def combine_terms(
-    pg_B: Tensor,
+    pg_B: Tensor | None,
     dist_B: Tensor | None,
     response_weight_B: Tensor,
     n_responses_total: int,
@@ -290,18 +287,23 @@ def combine_terms(
     excluded_B: Tensor | None = None,
 ) -> Tensor:
     """The learner's loss: ``pg_weight`` × the SPEC §1 term + ``dist_weight`` × the SPEC §6 term,
-    each reduced by :func:`reduce_over_batch`. ``excluded_B`` = 1 removes a response from both
-    terms whatever ``dist_on_masked`` says (a truncated response under ``buffer.truncated=mask``).
+    each reduced by :func:`reduce_over_batch` (a term that is None is absent). ``excluded_B`` = 1
+    removes a response from both terms whatever ``dist_on_masked`` says (a truncated response under
+    ``buffer.truncated=mask``).
 
     The §3.2/§4 masks (``response_weight_B`` = 0) always remove a response from the §1 term; with
     ``dist_on_masked`` the distribution term still covers it (a per-token supervision, not a
     reward), otherwise it is removed from both. The denominator is the global count either way.
     """
-    loss = pg_weight * reduce_over_batch(pg_B, response_weight_B, n_responses_total)
+    terms = []
+    if pg_B is not None:
+        terms.append(pg_weight * reduce_over_batch(pg_B, response_weight_B, n_responses_total))
     if dist_B is not None:
-        loss = loss + dist_weight * reduce_over_batch(
-            dist_B, dist_term_weights(response_weight_B, dist_on_masked, excluded_B), n_responses_total)
-    return loss
+        terms.append(dist_weight * reduce_over_batch(
+            dist_B, dist_term_weights(response_weight_B, dist_on_masked, excluded_B), n_responses_total))
+    if not terms:
+        raise ValueError("combine_terms got neither a SPEC §1 nor a SPEC §6 term; the loss would be empty")
+    return sum(terms[1:], terms[0])
 
 
 def dist_term_weights(response_weight_B: Tensor, dist_on_masked: bool, excluded_B: Tensor | None = None) -> Tensor:
@@ -410,50 +412,13 @@ def topk_divergence_from_logprobs(
     return torch.where(real_BT, div_BT, torch.zeros_like(div_BT))
 
 
-class DistributionObjective(Protocol):
-    """A per-token distribution term of SPEC §6: ``per_token_BT`` from student logits and teacher top-k."""
-
-    def __call__(
-        self,
-        student_logits_BTV: Tensor,
-        teacher_topk_ids_BTK: Tensor,
-        teacher_topk_logp_BTK: Tensor,
-        mask_BT: Tensor,
-    ) -> Tensor: ...
-
-
-def reverse_kl_topk(
-    student_logits_BTV: Tensor, teacher_topk_ids_BTK: Tensor, teacher_topk_logp_BTK: Tensor, mask_BT: Tensor
-) -> Tensor:
-    """SPEC §6 ``reverse_kl_topk``: KL(S ‖ T) over top-k + tail, per token."""
-    return topk_divergence(student_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK, mask_BT, kind="reverse_kl")
-
-
-def forward_kl_topk(
-    student_logits_BTV: Tensor, teacher_topk_ids_BTK: Tensor, teacher_topk_logp_BTK: Tensor, mask_BT: Tensor
-) -> Tensor:
-    """SPEC §6 ``forward_kl_topk``: KL(T ‖ S) over top-k + tail, per token."""
-    return topk_divergence(student_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK, mask_BT, kind="forward_kl")
-
-
-def jsd_topk(
-    student_logits_BTV: Tensor,
-    teacher_topk_ids_BTK: Tensor,
-    teacher_topk_logp_BTK: Tensor,
-    mask_BT: Tensor,
-    *,
-    beta: float = 0.5,
-) -> Tensor:
-    """SPEC §6 ``jsd(β)`` (GKD) over top-k + tail, per token."""
-    return topk_divergence(
-        student_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK, mask_BT, kind="jsd", beta=beta
-    )
-
-
-# Config picks a distribution term by name (SPEC §6). ``jsd`` takes ``beta`` as a
-# keyword; the registry entry uses the default β = 0.5 unless bound by the caller.
-OBJECTIVES: dict[str, DistributionObjective] = {
-    "reverse_kl_topk": reverse_kl_topk,
-    "forward_kl_topk": forward_kl_topk,
-    "jsd": jsd_topk,
+# SPEC §6 registry: the ``type`` of a top-k objective (a ``configs.algorithm.TopKObjective``
+# subclass) → the keyword arguments of ``topk_divergence`` / ``topk_divergence_from_logprobs``
+# it stands for, its own keys read from the config variant. A new divergence is its math
+# above, one config class and one line here (tests/test_objectives.py checks that every
+# top-k variant of the schema has its line).
+TOPK_OBJECTIVES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "reverse_kl_topk": lambda o: {"kind": "reverse_kl"},
+    "forward_kl_topk": lambda o: {"kind": "forward_kl"},
+    "jsd": lambda o: {"kind": "jsd", "beta": o.beta},
 }

@@ -70,38 +70,34 @@ def _full_logits_learner_cls():
     import torch
 
     from learner import objectives as obj
-    from learner.learner import _DIST_KIND, Learner, collate
+    from learner.batch import collate
+    from learner.learner import Learner, behaviour_weights
 
     class FullLogitsLearner(Learner):
         def _chunk_loss(self, samples, n_total):
-            o = self.cfg.objective
-            top_k = o.top_k if o.dist_weight > 0 else 0
-            b = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
-                 for k, v in collate(samples, self.pad_id, top_k).items()}
-            logits_BLV = self.engine.module.causal_lm(input_ids=b["ids_BL"], attention_mask=b["attn_BL"]).logits
+            o = self.cfg.objective  # a top-k objective with its SPEC §1 term (child() builds it)
+            top_k = o.top_k
+            b = collate(samples, self.pad_id, top_k).to(self.device)
+            logits_BLV = self.engine.module.causal_lm(input_ids=b.ids_BL, attention_mask=b.attn_BL).logits
             V = logits_BLV.shape[-1]
-            logits_BTV = logits_BLV.float().gather(1, b["pos_BT"][..., None].expand(-1, -1, V))
-            mask = b["mask_BT"]
-            logp = obj.gather_logprobs(logits_BTV, b["resp_BT"])
+            logits_BTV = logits_BLV.float().gather(1, b.pos_BT[..., None].expand(-1, -1, V))
+            mask = b.mask_BT
+            logp = obj.gather_logprobs(logits_BTV, b.resp_BT)
             old = logp.detach()
-            has_t = b["has_teacher_B"][:, None]
-            teacher = torch.where(has_t > 0, b["teacher_BT"], old)
-            adv = (obj.distill_advantage(teacher, old) + b["shift_B"][:, None]) * has_t
-            imp = self.cfg.importance
-            w_BT = obj.behaviour_weights(old, b["behave_BT"], mask, mode=imp.mode, tis_upper=imp.tis_upper,
-                                         icepop_low=imp.icepop_low, icepop_high=imp.icepop_high)
-            pg_B, _ = obj.pg_loss_per_response(logp, old, adv, mask, eps_low=o.eps_low, eps_high=o.eps_high,
-                                               teacher_logp_BT=teacher, mask_threshold=o.mask_threshold,
+            has_t = b.has_teacher_B[:, None]
+            teacher = torch.where(has_t > 0, b.teacher_BT, old)
+            adv = (obj.distill_advantage(teacher, old) + b.shift_B[:, None]) * has_t
+            w_BT = behaviour_weights(self.cfg.importance, old, b.behave_BT, mask)
+            pg_B, _ = obj.pg_loss_per_response(logp, old, adv, mask, eps_low=o.pg.eps_low, eps_high=o.pg.eps_high,
+                                               teacher_logp_BT=teacher, mask_threshold=o.pg.mask_threshold,
                                                weight_BT=w_BT)
-            dist_B = None
-            if top_k:
-                dm = mask * b["has_topk_B"][:, None]
-                tok_BT = obj.topk_divergence(logits_BTV, b["topk_ids_BTK"], b["topk_lp_BTK"], dm,
-                                             kind=_DIST_KIND[o.dist_kind], beta=o.jsd_beta)
-                dist_B = obj.per_response_mean(tok_BT, dm)
-            loss = obj.combine_terms(pg_B, dist_B, b["weight_B"], n_total, pg_weight=o.pg_weight,
-                                     dist_weight=o.dist_weight, dist_on_masked=o.dist_on_masked,
-                                     excluded_B=b["excluded_B"]) * self.W
+            dm = mask * b.has_topk_B[:, None]
+            tok_BT = obj.topk_divergence(logits_BTV, b.topk_ids_BTK, b.topk_lp_BTK, dm,
+                                         **obj.TOPK_OBJECTIVES[o.type](o))
+            dist_B = obj.per_response_mean(tok_BT, dm)
+            loss = obj.combine_terms(pg_B, dist_B, b.weight_B, n_total, pg_weight=o.pg.weight,
+                                     dist_weight=o.weight, dist_on_masked=o.on_masked,
+                                     excluded_B=b.excluded_B) * self.W
             return loss, {}, logp
 
     return FullLogitsLearner
@@ -113,13 +109,12 @@ def child(path: str, n_tokens: int, model_dir: str, chunk: int) -> dict:
 
     import torch
 
-    from configs.schema import LearnerConfig, ObjectiveConfig
+    from configs.schema import ForwardKLTopK, LearnerConfig, PolicyGradientTerm
     from learner.learner import Learner, free_port
 
     cfg = LearnerConfig(lr=1e-4, num_cpus=2, zero_stage=0, attn_implementation="sdpa", logit_chunk_tokens=chunk,
                         max_tokens_per_micro_batch=16384,
-                        objective=ObjectiveConfig(pg_weight=1.0, dist_weight=0.5, top_k=TOP_K,
-                                                  dist_kind="forward_kl_topk"))
+                        objective=ForwardKLTopK(weight=0.5, top_k=TOP_K, pg=PolicyGradientTerm(weight=1.0)))
     cls = _full_logits_learner_cls() if path == "before" else Learner
     learner = cls(model_dir, cfg, rank=0, world_size=1, seed=0, total_steps=10)
     n_params = learner.init_engine("127.0.0.1", free_port())

@@ -145,8 +145,8 @@ def run_pipeline(args, overrides: list[str], stamp: str) -> dict[str, dict]:
             "steps": s["steps"], "responses": s["totals"]["samples"], "run_dir": str(cfg.run_dir),
             "teacher_accuracy": s["accuracy"]["teacher"][DOMAIN],
             "settings": {"prompts_per_step": cfg.data.prompts_per_step, "responses_per_prompt": cfg.sampler.n,
-                         "learning_rate": cfg.learner.lr, "warmup_steps": cfg.learner.warmup_steps,
-                         "lr_schedule": f"{cfg.learner.lr_schedule} over run.steps={cfg.run.steps}",
+                         "learning_rate": cfg.learner.lr, "warmup_steps": cfg.learner.lr_schedule.warmup_steps,
+                         "lr_schedule": f"{cfg.learner.lr_schedule.type} over run.steps={cfg.run.steps}",
                          "objective": cfg.learner.objective.model_dump(mode="json"),
                          "max_new_tokens": cfg.sampler.max_new_tokens, "temperature": cfg.sampler.temperature},
             "curve": [{**c, "accuracy": c["accuracy"][DOMAIN]} for c in s["curve"]]}

@@ -8,7 +8,7 @@ import pytest
 
 from buffers.records import Prompt, Rollout, ScoredRollout, TeacherScore, VerifiedRollout
 from buffers.replay import ReplayBuffer, TeacherFailureError
-from configs.schema import BufferConfig, CalibrationConfig
+from configs.schema import BufferConfig, MarginShift, NoCalibration
 
 
 def _group(prompt: Prompt, spec: list[tuple[bool, str, float]], teacher="t", status="ok") -> list[ScoredRollout]:
@@ -19,12 +19,12 @@ def _group(prompt: Prompt, spec: list[tuple[bool, str, float]], teacher="t", sta
         r = Rollout(prompt, j, [1, 2], [3, 4] if finish != "refused" else [], np.full(2, -1.0, np.float32), 0,
                     "x", finish)
         score = TeacherScore(np.full(2, t_lp, np.float32)) if status == "ok" else None
-        out.append(ScoredRollout(VerifiedRollout(r, correct, "r"), score, teacher, status))
+        out.append(ScoredRollout(VerifiedRollout(r, correct, "match" if correct else "mismatch"), score, teacher, status))
     return out
 
 
 def _buffer(n: int, **cfg) -> tuple[ReplayBuffer, Prompt]:
-    cfg.setdefault("calibration", CalibrationConfig(mode="none"))
+    cfg.setdefault("calibration", NoCalibration())
     buf = ReplayBuffer([Prompt("q", "math", "p")], BufferConfig(**cfg), group_size=n, prompts_per_step=1)
     (p,) = buf.admit(1)
     return buf, p
@@ -37,7 +37,7 @@ SPEC = [(True, "stop", -1.0), (True, "length", -1.0), (False, "length", -3.0), (
 
 def test_truncated_mask_leaves_them_out_of_balancing_calibration_and_loss():
     buf, p = _buffer(4, truncated="mask", balance=True,
-                     calibration=CalibrationConfig(mode="shift", statistic="mean", direction="both", delta=3.0))
+                     calibration=MarginShift(statistic="mean", direction="both", delta=3.0))
     buf.add(_group(p, SPEC))
     batch = buf.get_batch()
     w = [s.weight for s in batch.samples]
@@ -80,7 +80,7 @@ def test_refused_prompt_drops_its_group_and_is_counted():
     buf, p = _buffer(2)
     buf.add(_group(p, [(False, "refused", 0.0), (False, "refused", 0.0)]))
     assert buf.num_ready() == 0 and buf.counters["refused_prompts"] == 1
-    assert buf.get_accounting()[-1][-1] == "dropped_refused" and not buf.running
+    assert buf.get_accounting()[-1].outcome == "dropped_refused" and not buf.running
     assert buf.capacity() == 1  # the admission slot is free again
 
 
@@ -108,3 +108,21 @@ def test_circuit_breaker_counts_each_teacher_apart():
     buf.add(_group(ps[1], [(True, "stop", -1.0)], teacher="b", status="failed"))
     with pytest.raises(TeacherFailureError, match="teacher 'b'"):
         buf.add(_group(ps[2], [(True, "stop", -1.0)], teacher="b", status="failed"))
+
+
+def test_accounting_lines_are_typed_and_survive_a_checkpoint(tmp_path):
+    from typing import get_args
+
+    from buffers.records import Accounted, Outcome
+
+    buf, p = _buffer(2)
+    buf.add(_group(p, [(True, "stop", -1.0), (False, "stop", -3.0)]))
+    assert buf.get_batch() is not None
+    assert buf.get_accounting() == [Accounted("q", p.uid, p.epoch, "trained")]
+    assert {o for *_, o in buf.get_accounting()} <= set(get_args(Outcome))  # still unpacks as a 4-tuple
+    buf.save(str(tmp_path / "buffer.pkl"))
+    again = ReplayBuffer([Prompt("q", "math", "p")], BufferConfig(calibration=NoCalibration()), group_size=2,
+                         prompts_per_step=1)
+    again.load(str(tmp_path / "buffer.pkl"))
+    assert again.get_accounting() == buf.get_accounting()
+    assert all(isinstance(a, Accounted) for a in again.get_accounting())

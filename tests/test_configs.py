@@ -22,11 +22,66 @@ def test_every_shipped_yaml_loads(path):
     assert cfg.domains and cfg.teachers
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_dumped_config_loads_back_equal_with_each_union_type_first(path, tmp_path):
+    from configs.schema import dump_config
+
+    cfg = load_config(path)
+    text = dump_config(cfg)
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert "calibration:\n    type: " in text and "objective:\n    type: " in text
+
+
 def test_defaults_are_the_released_uniopd_settings():
     c = load_config().buffer
-    assert (c.calibration.mode, c.calibration.statistic, c.calibration.direction, c.calibration.scope) == (
+    assert (c.calibration.type, c.calibration.statistic, c.calibration.direction, c.calibration.scope) == (
         "shift", "mean", "both", "group")
     assert c.calibration.delta == 0.4 and c.balance_ratio == 1.0
+
+
+def test_schema_defaults_are_the_spec_defaults():
+    from configs.schema import BufferConfig, LearnerConfig, MarginShift, PolicyGradientTerm, ReverseKLPG, TruncatedIS
+
+    buf, lrn = BufferConfig(), LearnerConfig()
+    assert buf.calibration == MarginShift(statistic="mean", direction="both", scope="group", delta=0.4)
+    assert lrn.objective == ReverseKLPG(pg=PolicyGradientTerm(weight=1.0, eps_low=0.2, eps_high=0.28,
+                                                               mask_threshold=10.0))
+    assert lrn.importance == TruncatedIS(upper=5.0)
+    assert (lrn.lr_schedule.type, lrn.lr_schedule.warmup_steps) == ("constant", 0)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["buffer.calibration.type=clip"], r"`buffer.calibration.type` is 'clip'; it must be one of 'none', 'shift', 'mask'"),
+    (["buffer.calibration.form=greedy"], r"`buffer.calibration.form` is not a known key of `type: shift`"),
+    (["buffer.calibration.type=mask", "buffer.calibration.direction=both"],
+     r"`buffer.calibration.direction` is not a known key of `type: mask`"),
+    (["buffer.calibration={type: mask, form: group_drop, greedy_min_frac: 0.5}"],
+     r"`greedy_min_frac` applies to `form: greedy` only"),
+    (["buffer.calibration.mode=mask"], r"`mode` is now `type`"),
+    (["learner.objective.beta=0.3"], r"`learner.objective.beta` is not a known key of `type: forward_kl_topk`"),
+    (["learner.objective.type=reverse_kl_pg", "learner.objective.top_k=4"],
+     r"`learner.objective.top_k` is not a known key of `type: reverse_kl_pg`"),
+    (["learner.objective.dist_weight=0.5"], r"`dist_weight` is now `weight \(of a top-k `type`\)`"),
+    (["learner.importance.type=icepop", "learner.importance.low=3"], r"`low` \(3\) must be < `high` \(2\)"),
+    (["learner.importance.upper=3", "learner.importance.type=none"], r"`learner.importance.upper` is not a known key"),
+    (["learner.warmup_steps=3"], r"`warmup_steps` is now `lr_schedule.warmup_steps`"),
+    (["learner.lr_schedule.type=constant", "learner.lr_schedule.min_lr_ratio=0.2"],
+     r"`learner.lr_schedule.min_lr_ratio` is not a known key of `type: constant`"),
+])
+def test_union_sections_take_only_their_variants_keys_and_errors_name_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_union_sections_take_a_bare_type_and_default_a_missing_one():
+    cfg = load_config(None, ["buffer.calibration=none", "learner.importance=icepop", "learner.lr_schedule=linear"])
+    assert (cfg.buffer.calibration.type, cfg.learner.importance.type, cfg.learner.lr_schedule.type) == (
+        "none", "icepop", "linear")
+    assert (cfg.learner.importance.low, cfg.learner.lr_schedule.min_lr_ratio) == (0.5, 0.1)
+    cfg = load_config(None, ["learner.objective={pg: {weight: 2}}"])  # no type: the default variant
+    assert (cfg.learner.objective.type, cfg.learner.objective.pg.weight) == ("reverse_kl_pg", 2.0)
+    assert not cfg.needs_topk and load_config().needs_topk
 
 
 def test_override_changes_nested_value_with_yaml_typing():

@@ -56,7 +56,7 @@ def runs(ray_cluster, tiny_demo):
     import ray
 
     from actors.concurrency import CONCURRENCY_GROUPS
-    from configs.schema import LearnerConfig, ObjectiveConfig
+    from configs.schema import LearnerConfig, PolicyGradientTerm, ReverseKLTopK
     from learner.learner import Learner
 
     student = str(tiny_demo / "student")
@@ -65,7 +65,7 @@ def runs(ray_cluster, tiny_demo):
     # W=2 ranks plan 5 each, rank 1 with 4 real + 1 empty, so accumulation over a step-dependent count
     # and the empty micro-batch (a dummy forward + zero loss) both count.
     cfg = LearnerConfig(max_tokens_per_micro_batch=24, lr=1e-3, num_cpus=1,
-                        objective=ObjectiveConfig(dist_weight=0.5, top_k=4))
+                        objective=ReverseKLTopK(weight=0.5, top_k=4, pg=PolicyGradientTerm()))
     # Learner has control-plane methods in a concurrency group: Ray needs the groups declared.
     actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=1)
     kw = dict(seed=0, total_steps=10)
@@ -145,12 +145,12 @@ def zero3(ray_cluster, tiny_demo, runs, tmp_path_factory):
     from actors.concurrency import CONCURRENCY_GROUPS
     from actors.sampler import Sampler
     from buffers.records import Prompt
-    from configs.schema import LearnerConfig, ObjectiveConfig, SamplerConfig, WeightSyncConfig
+    from configs.schema import LearnerConfig, PolicyGradientTerm, ReverseKLTopK, SamplerConfig, WeightSyncConfig
     from learner.learner import Learner
 
     student = str(tiny_demo / "student")
     cfg = LearnerConfig(max_tokens_per_micro_batch=24, lr=1e-3, num_cpus=1, zero_stage=3,
-                        objective=ObjectiveConfig(dist_weight=0.5, top_k=4))
+                        objective=ReverseKLTopK(weight=0.5, top_k=4, pg=PolicyGradientTerm()))
     actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=1)
     ranks = [actor.remote(student, cfg, rank=r, world_size=2, seed=0, total_steps=10)
              for r in (0, 1)]

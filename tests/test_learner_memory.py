@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from buffers.records import TrainSample
-from configs.schema import LearnerConfig, ObjectiveConfig
+from configs.schema import LearnerConfig, PolicyGradientTerm, ReverseKLTopK, TopKObjective
 from learner import objectives as obj
-from learner.learner import Learner, collate, plan_micro_batches
+from learner.batch import LearnerBatch, collate, plan_micro_batches
+from learner.learner import Learner
 from learner.logprobs import ResponseLogprobModel, chunked_logprobs
 
 V = 61  # a prime: no chunk size used below divides a row count by accident
@@ -170,31 +171,51 @@ def _samples(K=4, n=7, seed=0):
     return out
 
 
+def test_collate_gives_a_typed_batch_aligned_on_response_tokens_with_top_k_capped_at_the_teachers():
+    samples = _samples(K=3)
+    b = collate(samples, 0, 8)  # 8 asked, the teacher returned 3
+    assert isinstance(b, LearnerBatch) and b.top_k == 3 and b.topk_ids_BTK.shape[-1] == 3
+    s = samples[1]
+    P, T = len(s.prompt_ids), len(s.response_ids)
+    assert b.ids_BL[1, : P + T].tolist() == s.prompt_ids + s.response_ids and b.attn_BL[1].sum() == P + T
+    assert b.pos_BT[1, :T].tolist() == list(range(P - 1, P - 1 + T))  # the output at P−1+t predicts token t
+    assert b.resp_BT[1, :T].tolist() == s.response_ids and b.mask_BT[1].sum() == T
+    assert (b.has_teacher_B[2], b.has_topk_B[2], b.weight_B[4], b.excluded_B[5]) == (0, 0, 0, 1)
+    assert torch.equal(b.topk_ids_BTK[1, :T], torch.from_numpy(s.topk_ids_TK.astype(np.int64)))
+    assert collate(samples, 0, 0).topk_ids_BTK is None and collate(samples, 0, 0).top_k == 0
+    moved = b.to("cpu")
+    assert moved.ids_BL.dtype == torch.long and torch.equal(moved.shift_B, b.shift_B)
+
+
 def _reference_loss(model, cfg: LearnerConfig, samples, n_total, W=1):
     """The learner's loss as computed before the chunked head: full logits at every position."""
     o, imp = cfg.objective, cfg.importance
-    top_k = o.top_k if o.dist_weight > 0 else 0
-    b = collate(samples, 0, top_k)
-    logits_BLV = model(input_ids=b["ids_BL"], attention_mask=b["attn_BL"]).logits
-    logits_BTV = logits_BLV.float().gather(1, b["pos_BT"][..., None].expand(-1, -1, logits_BLV.shape[-1]))
-    mask = b["mask_BT"]
-    logp = obj.gather_logprobs(logits_BTV, b["resp_BT"])
+    dist = o if isinstance(o, TopKObjective) else None
+    b = collate(samples, 0, dist.top_k if dist else 0)
+    logits_BLV = model(input_ids=b.ids_BL, attention_mask=b.attn_BL).logits
+    logits_BTV = logits_BLV.float().gather(1, b.pos_BT[..., None].expand(-1, -1, logits_BLV.shape[-1]))
+    mask = b.mask_BT
+    logp = obj.gather_logprobs(logits_BTV, b.resp_BT)
     old = logp.detach()
-    has_t = b["has_teacher_B"][:, None]
-    teacher = torch.where(has_t > 0, b["teacher_BT"], old)
-    adv = (obj.distill_advantage(teacher, old) + b["shift_B"][:, None]) * has_t
-    w_BT = obj.behaviour_weights(old, b["behave_BT"], mask, mode=imp.mode, tis_upper=imp.tis_upper,
-                                 icepop_low=imp.icepop_low, icepop_high=imp.icepop_high)
-    pg_B, _ = obj.pg_loss_per_response(logp, old, adv, mask, eps_low=o.eps_low, eps_high=o.eps_high,
-                                       teacher_logp_BT=teacher, mask_threshold=o.mask_threshold, weight_BT=w_BT)
+    pg_B = None
+    if o.pg is not None:
+        has_t = b.has_teacher_B[:, None]
+        teacher = torch.where(has_t > 0, b.teacher_BT, old)
+        adv = (obj.distill_advantage(teacher, old) + b.shift_B[:, None]) * has_t
+        w_BT = obj.behaviour_weights(old, b.behave_BT, mask, mode=imp.type, tis_upper=imp.upper)
+        pg_B, _ = obj.pg_loss_per_response(logp, old, adv, mask, eps_low=o.pg.eps_low, eps_high=o.pg.eps_high,
+                                           teacher_logp_BT=teacher, mask_threshold=o.pg.mask_threshold, weight_BT=w_BT)
     dist_B = None
-    if top_k:
-        kind = {"reverse_kl_topk": "reverse_kl", "forward_kl_topk": "forward_kl", "jsd": "jsd"}[o.dist_kind]
-        tok_BT = obj.topk_divergence(logits_BTV, b["topk_ids_BTK"], b["topk_lp_BTK"], mask * b["has_topk_B"][:, None],
-                                     kind=kind, beta=o.jsd_beta)
-        dist_B = obj.per_response_mean(tok_BT, mask * b["has_topk_B"][:, None])
-    return obj.combine_terms(pg_B, dist_B, b["weight_B"], n_total, pg_weight=o.pg_weight, dist_weight=o.dist_weight,
-                             dist_on_masked=o.dist_on_masked, excluded_B=b["excluded_B"]) * W
+    if dist:
+        kw = {"kind": {"reverse_kl_topk": "reverse_kl", "forward_kl_topk": "forward_kl", "jsd": "jsd"}[dist.type]}
+        if dist.type == "jsd":
+            kw["beta"] = dist.beta
+        tok_BT = obj.topk_divergence(logits_BTV, b.topk_ids_BTK, b.topk_lp_BTK, mask * b.has_topk_B[:, None],
+                                     **kw)
+        dist_B = obj.per_response_mean(tok_BT, mask * b.has_topk_B[:, None])
+    return obj.combine_terms(pg_B, dist_B, b.weight_B, n_total, pg_weight=o.pg.weight if o.pg else 0.0,
+                             dist_weight=dist.weight if dist else 0.0, dist_on_masked=dist.on_masked if dist else False,
+                             excluded_B=b.excluded_B) * W
 
 
 def _learner(model, cfg: LearnerConfig, W=1) -> Learner:
@@ -205,12 +226,13 @@ def _learner(model, cfg: LearnerConfig, W=1) -> Learner:
     return lr
 
 
-@pytest.mark.parametrize("dist_kind,dist_on_masked,chunk", [
-    ("forward_kl_topk", True, 3), ("reverse_kl_topk", False, 5), ("jsd", False, 1000)])
-def test_learner_loss_and_gradients_equal_the_full_logits_path(dist_kind, dist_on_masked, chunk):
+@pytest.mark.parametrize("objective,chunk", [
+    ({"type": "forward_kl_topk", "on_masked": True, "pg": {}}, 3), ({"type": "reverse_kl_topk", "pg": {}}, 5),
+    ({"type": "jsd", "beta": 0.3, "pg": {}}, 1000), ({"type": "forward_kl_topk"}, 4)],
+    ids=["forward_kl+pg", "reverse_kl+pg", "jsd+pg", "forward_kl_alone"])
+def test_learner_loss_and_gradients_equal_the_full_logits_path(objective, chunk):
     model = _tiny_qwen3()
-    cfg = LearnerConfig(logit_chunk_tokens=chunk, objective=ObjectiveConfig(
-        dist_weight=0.5, top_k=4, dist_kind=dist_kind, dist_on_masked=dist_on_masked, jsd_beta=0.3))
+    cfg = LearnerConfig(logit_chunk_tokens=chunk, objective={"weight": 0.5, "top_k": 4, **objective})
     samples, n_total = _samples(), 9  # two responses of the global batch are on "another rank"
     ref = _reference_loss(model, cfg, samples, n_total, W=2)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
@@ -218,6 +240,7 @@ def test_learner_loss_and_gradients_equal_the_full_logits_path(dist_kind, dist_o
     loss, stats, _ = lr._chunk_loss(samples, n_total)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert abs(float(ref.detach())) > 1e-3 and stats["dist_loss"] != 0.0
+    assert ("pg_loss" in stats) == (cfg.objective.pg is not None)  # no §1 term unless the objective has one
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for (name, _), got, want in zip(model.named_parameters(), grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
@@ -275,7 +298,7 @@ def test_build_policy_applies_attention_kernel_and_gradient_checkpointing_withou
     losses, grads = [], []
     for gc in (False, True):
         cfg = LearnerConfig(gradient_checkpointing=gc, attn_implementation="sdpa", logit_chunk_tokens=5,
-                            objective=ObjectiveConfig(dist_weight=0.5, top_k=4))
+                            objective=ReverseKLTopK(weight=0.5, top_k=4, pg=PolicyGradientTerm()))
         policy = Learner.build_policy(AutoModelForCausalLM, str(tmp_path), cfg).train()
         assert policy.causal_lm.config._attn_implementation == "sdpa"
         assert policy.causal_lm.is_gradient_checkpointing == gc
@@ -300,3 +323,14 @@ def test_policy_refuses_models_that_transform_logits_after_the_head():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
         ResponseLogprobModel(model, chunk_tokens=8)
+
+
+def test_lr_schedule_variants_warm_up_then_hold_or_decay_to_the_floor():
+    from configs.schema import ConstantLR, CosineLR, LinearLR
+    from learner.learner import lr_lambda
+
+    const, cos, lin = (lr_lambda(s, 10) for s in (ConstantLR(warmup_steps=2), CosineLR(warmup_steps=2, min_lr_ratio=0.1),
+                                                   LinearLR(warmup_steps=2, min_lr_ratio=0.2)))
+    assert [const(i) for i in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert cos(0) == 0.5 and cos(2) == pytest.approx(1.0) and cos(6) == pytest.approx(0.55) and cos(10) == pytest.approx(0.1)
+    assert lin(2) == pytest.approx(1.0) and lin(6) == pytest.approx(0.6) and lin(10) == pytest.approx(0.2)

@@ -13,18 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from learner.objectives import (
-    OBJECTIVES,
+    TOPK_OBJECTIVES,
     behaviour_weights,
     distill_advantage,
-    forward_kl_topk,
     gather_logprobs,
-    jsd_topk,
     mismatch_kl,
     per_response_mean,
     pg_loss_per_response,
     combine_terms,
     reduce_over_batch,
-    reverse_kl_topk,
     topk_divergence,
 )
 
@@ -336,15 +333,21 @@ def test_topk_teacher_mass_above_one_from_rounding_gives_no_nan() -> None:
         assert torch.isfinite(s_logits.grad).all(), kind
 
 
-def test_objectives_registry_names_and_values() -> None:
-    assert set(OBJECTIVES) == {"reverse_kl_topk", "forward_kl_topk", "jsd"}
-    assert OBJECTIVES["reverse_kl_topk"] is reverse_kl_topk
-    assert OBJECTIVES["forward_kl_topk"] is forward_kl_topk
-    assert OBJECTIVES["jsd"] is jsd_topk
+def test_every_topk_objective_of_the_config_has_its_registry_line_and_the_hand_values() -> None:
+    import typing
+
+    from configs.schema import ForwardKLTopK, JSDTopK, ObjectiveConfig, ReverseKLTopK, TopKObjective
+
+    variants = typing.get_args(typing.get_args(ObjectiveConfig)[0])
+    topk_types = {v.model_fields["type"].default for v in variants if issubclass(v, TopKObjective)}
+    assert set(TOPK_OBJECTIVES) == topk_types == {"reverse_kl_topk", "forward_kl_topk", "jsd"}
     logits, ids, t_logp, mask = _hand_topk_case()
-    assert OBJECTIVES["forward_kl_topk"](logits, ids, t_logp, mask).item() == pytest.approx(_HAND_FORWARD, abs=1e-5)
-    assert OBJECTIVES["reverse_kl_topk"](logits, ids, t_logp, mask).item() == pytest.approx(_HAND_REVERSE, abs=1e-5)
-    assert OBJECTIVES["jsd"](logits, ids, t_logp, mask).item() == pytest.approx(_HAND_JSD_HALF, abs=1e-5)
+    for cfg, want in ((ForwardKLTopK(), _HAND_FORWARD), (ReverseKLTopK(), _HAND_REVERSE), (JSDTopK(), _HAND_JSD_HALF)):
+        got = topk_divergence(logits, ids, t_logp, mask, **TOPK_OBJECTIVES[cfg.type](cfg))
+        assert got.item() == pytest.approx(want, abs=1e-5), cfg.type
+    # the variant's own key reaches the math: β = 0 is forward KL exactly
+    got = topk_divergence(logits, ids, t_logp, mask, **TOPK_OBJECTIVES["jsd"](JSDTopK(beta=0.0)))
+    assert got.item() == pytest.approx(_HAND_FORWARD, abs=1e-5)
 
 
 @pytest.mark.parametrize("beta", [-0.1, 1.5])
@@ -364,3 +367,7 @@ def test_combine_terms_masks_the_pg_term_and_optionally_the_distribution_term() 
     assert float(combine_terms(pg, dist, w, 2, dist_on_masked=True, **kw)) == pytest.approx(4.25)
     # no distribution term
     assert float(combine_terms(pg, None, w, 2, dist_on_masked=True, **kw)) == pytest.approx(0.25)
+    # no SPEC §1 term (a top-k objective without `pg`): (3 + 5)/2 over every response
+    assert float(combine_terms(None, dist, w, 2, dist_on_masked=True, **kw)) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="neither"):
+        combine_terms(None, None, w, 2, dist_on_masked=True, **kw)

@@ -48,7 +48,7 @@ def _overrides(fx, out, **extra) -> list[str]:
         "data.prompts_per_step": 2, "sampler.n": 2, "sampler.max_new_tokens": MAX_NEW,
         "sampler.max_model_len": 1024, "sampler.num_cpus": 0.5, "buffer.truncated": "mask",
         "learner.max_tokens_per_micro_batch": 1200, "learner.logit_chunk_tokens": 128,
-        "learner.objective.dist_weight": 0.5, "learner.objective.top_k": 4,
+        "learner.objective.weight": 0.5, "learner.objective.top_k": 4,
         "learner.lr": 1e-4,
     }
     o.update(extra)

@@ -9,11 +9,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from buffers.records import Verdict
 
-def grade(response: str, row: Mapping[str, Any]) -> tuple[bool, str]:
-    """Grade ``response`` against ``row["answer"]``; return (correct, reason)."""
-    gold = str(row["answer"]).strip()
+
+def verdict(response: str, answer: str) -> Verdict:
+    """``response`` (whitespace-stripped) against the reference ``answer``."""
+    gold = str(answer).strip()
     pred = response.strip()
     if pred == gold:
-        return True, "exact match"
-    return False, f"{pred!r} != {gold!r}"
+        return Verdict(True, "match", "exact match")
+    return Verdict(False, "mismatch", f"{pred!r} != {gold!r}")
+
+
+def grade(response: str, row: Mapping[str, Any]) -> tuple[bool, str]:
+    """``(correct, detail)`` of :func:`verdict` against ``row["answer"]`` (the demo's preparation tools)."""
+    v = verdict(response, row["answer"])
+    return v.correct, v.detail

@@ -19,6 +19,8 @@ from typing import Any
 
 from math_verify import parse, verify
 
+from buffers.records import Verdict
+
 logger = logging.getLogger(__name__)
 
 BOXED = "\\boxed{"
@@ -81,15 +83,22 @@ def answer_part(response: str) -> str | None:
     return response
 
 
-def grade(response: str, row: Mapping[str, Any]) -> tuple[bool, str]:
-    """Grade the answer part of ``response`` (after ``</think>``) against ``row["answer"]``."""
-    gold = str(row["answer"])
-    answer = answer_part(response)
-    if answer is None:
-        return False, "the response never closed its <think> block"
-    boxed = extract_last_boxed(answer)
+def verdict(response: str, answer: str) -> Verdict:
+    """Grade the answer part of ``response`` (after ``</think>``) against the reference ``answer``."""
+    gold = str(answer)
+    part = answer_part(response)
+    if part is None:
+        return Verdict(False, "unclosed_think", "the response never closed its <think> block")
+    boxed = extract_last_boxed(part)
     if boxed is None:
-        return False, "no complete \\boxed{...} in response"
+        return Verdict(False, "no_boxed", "no complete \\boxed{...} in response")
     if answers_match(boxed, gold):
-        return True, f"boxed answer {boxed!r} matches {gold!r}"
-    return False, f"boxed answer {boxed!r} != {gold!r}"
+        return Verdict(True, "match", f"boxed answer {boxed!r} matches {gold!r}")
+    return Verdict(False, "mismatch", f"boxed answer {boxed!r} != {gold!r}")
+
+
+def grade(response: str, row: Mapping[str, Any]) -> tuple[bool, str]:
+    """``(correct, detail)`` of :func:`verdict` against ``row["answer"]``: the pair the demo's
+    preparation tools read (the verifier actor uses the typed :func:`verdict`)."""
+    v = verdict(response, row["answer"])
+    return v.correct, v.detail

@@ -1,0 +1,151 @@
+"""The learner's typed batch: what one micro-batch of ``TrainSample`` records becomes as tensors
+(``collate`` → ``LearnerBatch``), which responses go to which rank and micro-batch
+(``plan_micro_batches``), and where the loss reads the student (``response_positions``).
+
+Shape suffixes: B responses, L longest prompt + response, T longest response, K teacher top-k,
+N real response tokens of the micro-batch, J = 1 + K ids read per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from buffers.records import TrainSample
+
+
+@dataclass(frozen=True)
+class LearnerBatch:
+    """One micro-batch, right-padded; every tensor is 0 (or ``pad_id``) on padding."""
+
+    ids_BL: torch.Tensor  # prompt + response token ids
+    attn_BL: torch.Tensor  # 1 on real tokens
+    pos_BT: torch.Tensor  # the position of ids_BL whose output predicts response token t
+    resp_BT: torch.Tensor  # response token ids
+    mask_BT: torch.Tensor  # 1.0 on real response tokens
+    behave_BT: torch.Tensor  # the sampler's (behaviour policy's) log-probs, SPEC §2
+    teacher_BT: torch.Tensor  # the teacher's log-probs of the sampled tokens, SPEC §1
+    has_teacher_B: torch.Tensor  # 1.0 when the teacher call succeeded (else A_t = 0, SPEC §1)
+    shift_B: torch.Tensor  # SPEC §4 margin shift, added to every token advantage of the response
+    weight_B: torch.Tensor  # 0.0 when masked by §3.2 balancing or the §4 margin mask
+    excluded_B: torch.Tensor  # 1.0: out of both loss terms (truncated, buffer.truncated=mask)
+    topk_ids_BTK: torch.Tensor | None  # the teacher's top-k token ids (None: no distribution term)
+    topk_lp_BTK: torch.Tensor | None  # their teacher log-probs, SPEC §6
+    has_topk_B: torch.Tensor  # 1.0 when the response has the teacher's top-k
+
+    @property
+    def top_k(self) -> int:
+        """K actually collated (0: none), at most the configured top-k."""
+        return 0 if self.topk_ids_BTK is None else self.topk_ids_BTK.shape[-1]
+
+    def to(self, device: torch.device | str) -> LearnerBatch:
+        return replace(self, **{f.name: t.to(device) for f in fields(self) if (t := getattr(self, f.name)) is not None})
+
+
+def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> LearnerBatch:
+    """Right-padded prompt+response sequences and response-aligned token tensors. ``top_k`` (0: none) is
+    capped at what the teacher returned."""
+    B = len(samples)
+    # The teacher may return fewer than top_k (top_k > vocab): never pad categories with fake ids.
+    top_k = min([top_k] + [s.topk_ids_TK.shape[1] for s in samples if s.topk_ids_TK is not None]) if top_k else 0
+    L = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    T = max(1, max(len(s.response_ids) for s in samples))
+    ids_BL = torch.full((B, L), pad_id, dtype=torch.long)
+    attn_BL = torch.zeros((B, L), dtype=torch.long)
+    pos_BT = torch.zeros((B, T), dtype=torch.long)
+    resp_BT = torch.full((B, T), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros((B, T))
+    behave_BT = torch.zeros((B, T))
+    teacher_BT = torch.zeros((B, T))
+    has_teacher_B = torch.zeros(B)
+    shift_B = torch.zeros(B)
+    weight_B = torch.zeros(B)
+    excluded_B = torch.tensor([float(s.excluded) for s in samples])
+    topk_ids = torch.zeros((B, T, top_k), dtype=torch.long) if top_k else None
+    topk_lp = torch.zeros((B, T, top_k)) if top_k else None
+    has_topk_B = torch.zeros(B)
+    for i, s in enumerate(samples):
+        P, t = len(s.prompt_ids), len(s.response_ids)
+        ids_BL[i, : P + t] = torch.tensor(s.prompt_ids + s.response_ids)
+        attn_BL[i, : P + t] = 1
+        if t == 0:
+            continue
+        # logits at position P-1+j predict response token j
+        pos_BT[i, :t] = torch.arange(P - 1, P - 1 + t)
+        resp_BT[i, :t] = torch.tensor(s.response_ids)
+        mask_BT[i, :t] = 1
+        behave_BT[i, :t] = torch.from_numpy(np.array(s.behaviour_logprobs_T))
+        shift_B[i] = s.advantage_shift
+        weight_B[i] = s.weight
+        if s.teacher_logprobs_T is not None:
+            teacher_BT[i, :t] = torch.from_numpy(np.array(s.teacher_logprobs_T))
+            has_teacher_B[i] = 1
+        if top_k and s.topk_ids_TK is not None:
+            topk_ids[i, :t] = torch.from_numpy(s.topk_ids_TK[:, :top_k].astype(np.int64))
+            topk_lp[i, :t] = torch.from_numpy(np.array(s.topk_logprobs_TK[:, :top_k]))
+            has_topk_B[i] = 1
+    return LearnerBatch(ids_BL=ids_BL, attn_BL=attn_BL, pos_BT=pos_BT, resp_BT=resp_BT, mask_BT=mask_BT,
+                        behave_BT=behave_BT, teacher_BT=teacher_BT, has_teacher_B=has_teacher_B, shift_B=shift_B,
+                        weight_B=weight_B, excluded_B=excluded_B, topk_ids_BTK=topk_ids, topk_lp_BTK=topk_lp,
+                        has_topk_B=has_topk_B)
+
+
+def plan_micro_batches(lengths: list[int], world_size: int, max_tokens: int,
+                       max_responses: int | None = None) -> list[list[list[int]]]:
+    """``plan[r][m]``: the indices (into the batch) of rank r's m-th micro-batch of this step.
+
+    Every rank computes this from the whole batch, so the ranks agree without a collective, and
+    every rank gets the same number of micro-batches (empty ones pad the shorter plans): DeepSpeed
+    needs the same number of backward passes per step on every rank (ZeRO-2/3 communicate inside
+    each one; ZeRO-3 inside each forward too).
+
+    Sharding: longest first, each response to the rank with the fewest tokens so far (ties: the
+    lower rank), so the ranks get similar work. Bucketing: each rank's responses, longest first,
+    cut greedily into micro-batches whose padded size (count × longest prompt+response) fits
+    ``max_tokens`` and that hold at most ``max_responses``; a response longer than the budget
+    gets a micro-batch of its own.
+
+    Why length-sorted buckets rather than padding-free packing: packing several responses into one
+    row needs an attention kernel that honours sequence boundaries inside the row (flash-attention
+    varlen through position ids); sdpa and eager, which CPUs and many GPU setups run, would attend
+    across responses or need an L × L block mask. Buckets work with every kernel and give each
+    response exactly the computation it gets alone; sorting keeps the padding small (neighbours
+    have similar lengths; the step metric ``pad_frac`` shows what is left).
+    """
+    if max_tokens < 1 or world_size < 1:
+        raise ValueError(f"max_tokens={max_tokens}, world_size={world_size}: both must be ≥ 1")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for i in order:  # `order` is longest first, so each shard stays sorted longest first
+        r = min(range(world_size), key=lambda q: (load[q], q))
+        shards[r].append(i)
+        load[r] += lengths[i]
+    plan: list[list[list[int]]] = []
+    for shard in shards:
+        mbs: list[list[int]] = []
+        for i in shard:
+            cur = mbs[-1] if mbs else None
+            if cur is not None and (len(cur) + 1) * max(1, lengths[cur[0]]) <= max_tokens and \
+                    (max_responses is None or len(cur) < max_responses):
+                cur.append(i)
+            else:
+                mbs.append([i])
+        plan.append(mbs)
+    n_mb = max(1, max(len(mbs) for mbs in plan))
+    return [mbs + [[] for _ in range(n_mb - len(mbs))] for mbs in plan]
+
+
+def response_positions(b: LearnerBatch, top_k: int) -> tuple[torch.Tensor, ...]:
+    """Where the loss reads the student: ``rows_N, cols_N`` (a row of ``ids_BL`` and the position whose
+    output predicts the token), ``t_N`` (the token's index in the response) and ``ids_NJ``: the sampled
+    token, then the teacher's top-k ids (id 0 where a response has none), for every real response token."""
+    rows, t = (b.mask_BT > 0).nonzero(as_tuple=True)
+    cols = b.pos_BT[rows, t]
+    ids = [b.resp_BT[rows, t, None]]
+    if top_k:
+        has_BT = (b.has_topk_B[:, None] * b.mask_BT) > 0
+        ids.append(torch.where(has_BT[..., None], b.topk_ids_BTK, 0)[rows, t])
+    return rows, cols, t, torch.cat(ids, dim=-1)
