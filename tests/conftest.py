@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> Path:
     """Demo artefacts from the fast preparation (seconds; accuracy irrelevant)."""
-    from scripts.prepare_demo import prepare
+    from demo.prepare import prepare
 
     out = tmp_path_factory.mktemp("demo_fast")
     prepare(out / "demo", fast=True)
