@@ -26,13 +26,13 @@ from typing import Any
 
 import ray
 
-from actors.concurrency import CONCURRENCY_GROUPS
 from actors.sampler import Sampler
 from actors.teacher import Teacher
 from actors.verifier import Verifier
 from buffers.records import Prompt
 from buffers.replay import PromptSource, ReplayBuffer
 from configs.schema import RunConfig
+from learner.concurrency import CONCURRENCY_GROUPS
 from learner.learner import Learner
 from learner.logprobs import LogitProcessing
 

@@ -37,13 +37,12 @@ import time
 
 import numpy as np
 import ray
-
-from actors.concurrency import CONTROL
 import torch
 
 from buffers.records import TrainBatch, TrainSample
 from configs.schema import LearnerConfig, WeightSyncConfig
 from learner import objectives as obj
+from learner.concurrency import CONTROL
 from learner.logprobs import LogitProcessing, ResponseLogprobModel
 
 log = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ def runs(ray_cluster, tiny_demo):
 
     import ray
 
-    from actors.concurrency import CONCURRENCY_GROUPS
+    from learner.concurrency import CONCURRENCY_GROUPS
     from configs.schema import LearnerConfig, ObjectiveConfig
     from learner.learner import Learner
 
@@ -142,7 +142,7 @@ def zero3(ray_cluster, tiny_demo, runs, tmp_path_factory):
     ``save_hf``."""
     import ray
 
-    from actors.concurrency import CONCURRENCY_GROUPS
+    from learner.concurrency import CONCURRENCY_GROUPS
     from actors.sampler import Sampler
     from buffers.records import Prompt
     from configs.schema import LearnerConfig, ObjectiveConfig, SamplerConfig, WeightSyncConfig
