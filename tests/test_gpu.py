@@ -180,28 +180,21 @@ def learner_run(request, environment, gpu_student, tmp_path_factory) -> CaseRun:
     return run_case(["learner", str(gpu_student), str(zero), str(int(bf16))], tmp_path_factory.mktemp("case"))
 
 
-def test_learner_engine_starts_on_the_gpu(learner_run) -> None:
-    learner_run.expect("init_engine")
+# The checks of one learner case, in the order they run, and what each one verifies.
+LEARNER_CHECKS = {
+    "init_engine": "the DeepSpeed engine starts on the GPU",
+    "train_step": "three token-budget steps: finite losses, several micro-batches each, the weights move",
+    "nonfinite_skip": "a batch with NaN behaviour log-probs is skipped and keeps the weights",
+    "transfer_metadata": "transfer_metadata has the full shapes; DeepSpeedSource sends them bit-exact",
+    "processed_logprobs": "processed log-probs equal a top-p reference from the full logits",
+    "save_hf_reload": "the save_hf export reloads with the same weights and log-probs",
+}
 
 
-def test_three_token_budget_steps_are_finite_move_the_weights_and_take_several_micro_batches(learner_run) -> None:
-    learner_run.expect("train_step")
-
-
-def test_a_batch_with_nan_behaviour_log_probs_is_skipped_and_keeps_the_weights(learner_run) -> None:
-    learner_run.expect("nonfinite_skip")
-
-
-def test_transfer_metadata_has_the_full_shapes_and_the_source_is_bit_exact(learner_run) -> None:
-    learner_run.expect("transfer_metadata")
-
-
-def test_processed_log_probs_equal_a_top_p_reference_from_the_full_logits(learner_run) -> None:
-    learner_run.expect("processed_logprobs")
-
-
-def test_save_hf_export_reloads_with_the_same_weights_and_log_probs(learner_run) -> None:
-    learner_run.expect("save_hf_reload")
+@pytest.mark.parametrize("check", list(LEARNER_CHECKS))
+def test_learner_case_passes_each_check(learner_run, check) -> None:
+    """One test per check of ``LEARNER_CHECKS``, per (ZeRO, bf16) case of ``learner_run``."""
+    learner_run.expect(check)
 
 
 # ------------------------------------------------------------------ 3. a long response
