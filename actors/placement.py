@@ -26,7 +26,6 @@ from typing import Any
 
 import ray
 
-from actors.concurrency import CONCURRENCY_GROUPS
 from actors.sampler import Sampler
 from actors.teacher import Teacher
 from actors.verifier import Verifier
@@ -34,6 +33,7 @@ from buffers.records import Prompt
 from buffers.actor import BufferActor
 from buffers.replay import PromptSource
 from configs.schema import RunConfig
+from learner.concurrency import CONCURRENCY_GROUPS
 from learner.learner import Learner
 from learner.logprobs import LogitProcessing
 

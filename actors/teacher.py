@@ -41,10 +41,10 @@ import time
 import numpy as np
 import ray
 
-from actors.concurrency import CONTROL
 from actors.weight_receiver import WeightReceiver, transfer_config
 from buffers.records import Prompt, ScoredRollout, TeacherScore, VerifiedRollout
 from configs.schema import TeacherConfig
+from learner.concurrency import CONTROL
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Callable
 
 import ray
 
-from actors.concurrency import CONTROL
+from learner.concurrency import CONTROL
 from buffers.records import REASONS, Prompt, Rollout, Verdict, VerifiedRollout
 from configs.schema import CodeVerifier, DomainConfig, VerifierConfig
 

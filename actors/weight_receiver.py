@@ -19,7 +19,7 @@ import uuid
 
 import ray
 
-from actors.concurrency import CONTROL
+from learner.concurrency import CONTROL
 
 log = logging.getLogger(__name__)
 

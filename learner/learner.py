@@ -38,8 +38,6 @@ import time
 
 import numpy as np
 import ray
-
-from actors.concurrency import CONTROL
 import torch
 
 from buffers.records import TrainBatch, TrainSample
@@ -47,6 +45,7 @@ from configs.schema import (ConstantLR, CosineLR, IcePop, ImportanceConfig, Lear
                             TruncatedIS, WeightSyncConfig)
 from learner import objectives as obj
 from learner.batch import LearnerBatch, collate, plan_micro_batches, response_positions
+from learner.concurrency import CONTROL
 from learner.logprobs import LogitProcessing, ResponseLogprobModel
 
 log = logging.getLogger(__name__)

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, [*args.overrides, f"sampler.n={args.k}", "sampler.temperature=1.0"])
         if cfg.demo.prepare:
-            from scripts.prepare_demo import prepare
+            from demo.prepare import prepare
 
             prepare(cfg.demo.cache_dir, recipe=cfg.demo.recipe)
         check_paths(cfg)

@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if cfg.demo.prepare:
-        from scripts.prepare_demo import prepare
+        from demo.prepare import prepare
 
         prepare(cfg.demo.cache_dir, recipe=cfg.demo.recipe)
     check_paths(cfg)

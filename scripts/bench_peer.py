@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)  # run.output_dir and the default cache are relative to the repo
     ready = cache / "READY"
     if not ready.is_file():  # a cache that is there (full or fast) is used as it is
-        from scripts.prepare_demo import prepare
+        from demo.prepare import prepare
 
         print(f"building the demo cache in {cache} (minutes)", flush=True)
         prepare(cache)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("paths: every model and data path exists")
         return 0
     if cfg.demo.prepare:
-        from scripts.prepare_demo import prepare
+        from demo.prepare import prepare
 
         prepare(cfg.demo.cache_dir, recipe=cfg.demo.recipe)
     try:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny demo models (fast preparation) and one local Ray cluster per session."""
+"""Shared fixtures: tiny demo models (fast preparation), one local Ray cluster per module, and the
+skip of tests marked ``gpu`` where no CUDA device is visible (shared builders: tests/builders.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are collected everywhere and reported as skipped, not as errors, where
+    ``torch.cuda.is_available()`` is false (torch is imported only when such a test is collected)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> Path:
     """Demo artefacts from the fast preparation (seconds; accuracy irrelevant)."""
-    from scripts.prepare_demo import prepare
+    from demo.prepare import prepare
 
     out = tmp_path_factory.mktemp("demo_fast")
     prepare(out / "demo", fast=True)

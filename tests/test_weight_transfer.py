@@ -38,10 +38,10 @@ def _max_diff(got, samples) -> float:
 def pair(ray_cluster, tiny_demo):
     import ray
 
-    from actors.concurrency import CONCURRENCY_GROUPS
     from actors.sampler import Sampler
     from buffers.records import Prompt
     from configs.schema import LearnerConfig, SamplerConfig, WeightSyncConfig
+    from learner.concurrency import CONCURRENCY_GROUPS
     from learner.learner import Learner
     from learner.logprobs import LogitProcessing
 
@@ -136,10 +136,10 @@ def test_a_student_following_teacher_takes_the_updates_with_the_samplers(pair, t
     """Self-distillation: a Teacher with follow_student joins the group next to the sampler (its own
     rank offset) and scores with the updated weights: its log-probs of the sampler's tokens equal the
     learner's raw (temperature-1) ones after each update, and differ before it."""
-    from actors.concurrency import CONCURRENCY_GROUPS
     from actors.teacher import Teacher
     from buffers.records import VerifiedRollout
     from configs.schema import TeacherConfig, WeightSyncConfig
+    from learner.concurrency import CONCURRENCY_GROUPS
 
     ray, s, lr = pair["ray"], pair["sampler"], pair["learner"]
     teacher = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Teacher).options(num_cpus=0.5).remote(

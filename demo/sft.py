@@ -1,9 +1,10 @@
 """Plain-torch supervised fine-tuning of a causal LM on (prompt, completion) pairs.
 
 This module owns the *offline* warm-up training used to build the demo's tiny
-teachers and the student's cold start (see ``scripts/prepare_demo.py``). It is
-deliberately independent of Ray, DeepSpeed and the on-policy distillation
-learner: one process, one model, AdamW, a warmup + cosine learning-rate schedule.
+teachers and the student's cold start (``demo.training``). It is deliberately
+independent of Ray, DeepSpeed and the on-policy distillation learner (``learner/``,
+SPEC §1): one process, one model, AdamW, a warmup + cosine learning-rate schedule.
+Nothing outside the demo's preparation uses it, so it lives with it.
 
 What it does per step:
 

@@ -1,0 +1,13 @@
+"""Ray concurrency groups shared by every actor, the learner included.
+
+Work methods (generate, score, train_step) run one at a time in the default group.
+Control-plane reads (liveness, version, busy time) run in ``CONTROL``, so the
+driver can read them while a long generate or train step is in progress.
+
+It lives in ``learner/`` because the learner is one of those actors and ``learner/``
+never imports ``actors/`` (the samplers, teachers and placement already import
+``learner/``), so the dependency between the two folders stays one-way.
+"""
+
+CONTROL = "control"
+CONCURRENCY_GROUPS = {CONTROL: 1}
