@@ -25,10 +25,10 @@ def console_logger() -> logging.Logger:
     at the terminal width; other libraries' records go to the run's log file (actors/pipeline.py)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    log = logging.getLogger("uniopd")
-    log.setLevel(logging.INFO)
-    log.addHandler(handler)
-    return log
+    for name in ("uniopd", "demo"):  # the run, and the demo's preparation on first use
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(handler)
+    return logging.getLogger("uniopd")
 
 
 def main(argv: list[str] | None = None) -> int:
