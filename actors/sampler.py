@@ -30,12 +30,10 @@ import random
 import time
 
 import numpy as np
-import ray
 
 from actors.weight_receiver import WeightReceiver, transfer_config
 from buffers.records import Prompt, Rollout
 from configs.schema import SamplerConfig
-from learner.concurrency import CONTROL
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +147,3 @@ class Sampler(WeightReceiver):
         """Greedy decoding for held-out accuracy, batched in one engine call (a refused prompt: "")."""
         outs = self._run(prompts, self._params(n=1, temperature=0.0))
         return ["" if o is None else o.outputs[0].text for o in outs]
-
-    @ray.method(concurrency_group=CONTROL)
-    def busy_seconds(self) -> float:
-        """Seconds spent working (the driver turns deltas into idle fractions)."""
-        return self.busy_s
-
-    @ray.method(concurrency_group=CONTROL)
-    def ready(self) -> bool:
-        return True

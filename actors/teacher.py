@@ -337,15 +337,6 @@ class Teacher(WeightReceiver):
         return [o.outputs[0].text for o in outs]
 
     @ray.method(concurrency_group=CONTROL)
-    def busy_seconds(self) -> float:
-        """Seconds spent working (the driver turns deltas into idle fractions)."""
-        return self.busy_s
-
-    @ray.method(concurrency_group=CONTROL)
-    def ready(self) -> bool:
-        return True
-
-    @ray.method(concurrency_group=CONTROL)
     def failure_count(self) -> int:
         """Rollouts this teacher returned ``failed`` (each one an A_t = 0 response, SPEC §1)."""
         return self.failures

@@ -23,9 +23,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Callable
 
-import ray
 
-from learner.concurrency import CONTROL
+from learner.concurrency import ControlPlane
 from buffers.records import REASONS, Prompt, Rollout, Verdict, VerifiedRollout
 from configs.schema import CodeVerifier, DomainConfig, VerifierConfig
 
@@ -90,7 +89,7 @@ def build_grader(kind: VerifierConfig) -> Grader:
     raise ValueError(f"unknown verifier type {kind.type!r}")
 
 
-class Verifier:
+class Verifier(ControlPlane):
     def __init__(self, domains: dict[str, DomainConfig]) -> None:
         self.graders = {d: build_grader(c.verifier) for d, c in domains.items()}
         self.busy_s = 0.0
@@ -147,8 +146,3 @@ class Verifier:
 
     def grade_many(self, texts: list[str], prompts: list[Prompt]) -> list[bool]:
         return [v.correct for v in self._grade_all(texts, prompts)]
-
-    @ray.method(concurrency_group=CONTROL)
-    def ready(self) -> bool:
-        """Liveness: answered at once, not queued behind pending ``verify`` calls."""
-        return True

@@ -19,7 +19,7 @@ import uuid
 
 import ray
 
-from learner.concurrency import CONTROL
+from learner.concurrency import CONTROL, ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def transfer_config(backend: str):
     return WeightTransferConfig(backend=backend)
 
 
-class WeightReceiver:
+class WeightReceiver(ControlPlane):
     """Needs ``self.llm`` (a ``vllm.LLM`` built with ``transfer_config``), ``self.busy_s`` and
     ``self.label`` (for logs); owns ``version`` and the actor's incarnation id."""
 

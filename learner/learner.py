@@ -37,7 +37,6 @@ import socket
 import time
 
 import numpy as np
-import ray
 import torch
 
 from buffers.records import TrainBatch, TrainSample
@@ -45,7 +44,7 @@ from configs.schema import (ConstantLR, CosineLR, IcePop, ImportanceConfig, Lear
                             TruncatedIS, WeightSyncConfig)
 from learner import objectives as obj
 from learner.batch import LearnerBatch, collate, plan_micro_batches, response_positions
-from learner.concurrency import CONTROL
+from learner.concurrency import ControlPlane
 from learner.logprobs import LogitProcessing, ResponseLogprobModel
 
 log = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ def behaviour_weights(imp: ImportanceConfig, old_logp_BT: torch.Tensor, behave_l
     return obj.behaviour_weights(old_logp_BT, behave_logp_BT, mask_BT, mode="none")
 
 
-class Learner:
+class Learner(ControlPlane):
     def __init__(self, model_path: str, cfg: LearnerConfig, *, rank: int, world_size: int, seed: int,
                  total_steps: int, processing: LogitProcessing = LogitProcessing()) -> None:
         self.model_path, self.cfg, self.rank, self.W = model_path, cfg, rank, world_size
@@ -408,15 +407,6 @@ class Learner:
         dt = time.perf_counter() - t0
         self.busy_s += dt
         return {"weight_sync/seconds": dt, "weight_sync/bytes": float(self._transfer_bytes if self.rank == 0 else 0)}
-
-    @ray.method(concurrency_group=CONTROL)
-    def ready(self) -> bool:
-        return True
-
-    @ray.method(concurrency_group=CONTROL)
-    def busy_seconds(self) -> float:
-        """Seconds spent working (the driver turns deltas into idle fractions)."""
-        return self.busy_s
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, path: str, client_state: dict) -> None:
