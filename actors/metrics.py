@@ -14,7 +14,8 @@ from pathlib import Path
 
 log = logging.getLogger("uniopd")
 
-_CONSOLE_KEYS = ("loss", "throughput/samples_per_s", "lag/max", "margin/gap_before", "balance/correct_frac_before")
+_CONSOLE_KEYS = {"loss": "loss", "throughput/samples_per_s": "responses/s", "lag/max": "lag",
+                 "margin/gap_before": "gap", "balance/correct_frac_before": "correct"}
 
 
 class MetricsWriter:
@@ -32,7 +33,7 @@ class MetricsWriter:
     def console(self, step: int, total: int, metrics: dict[str, float]) -> None:
         acc = " ".join(f"{k.split('/')[-1]}={v:.2f}" for k, v in sorted(metrics.items())
                        if k.startswith("accuracy/train/"))
-        rest = " ".join(f"{k.split('/')[-1]}={metrics[k]:.3g}" for k in _CONSOLE_KEYS if k in metrics)
+        rest = " ".join(f"{name}={metrics[k]:.3g}" for k, name in _CONSOLE_KEYS.items() if k in metrics)
         log.info("step %d/%d  %s  train-acc[%s]", step, total, rest, acc)
 
     def close(self) -> None:

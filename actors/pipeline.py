@@ -356,13 +356,14 @@ def _ray_cluster(cfg: RunConfig, run_dir: Path):
     Actor output (vLLM, DeepSpeed, transformers) stays in Ray's per-node session logs instead of
     the driver's console; ``<run_dir>/ray_logs`` links to this node's."""
     started = not ray.is_initialized()
+    _quiet_ray_logger()
     if started:
         address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
         else:
-            ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False)
-    _quiet_ray_logger()
+            ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
     with contextlib.suppress(Exception):  # best effort: a link, not a requirement
         link = run_dir / "ray_logs"
         if link.is_symlink():
