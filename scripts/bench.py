@@ -13,7 +13,10 @@ measured in this run, plus, per pipeline mode, the seconds each actor method ran
 (from Ray's task events) and how busy this machine's cores were while it trained
 (``cpu_busy_frac``, ``cpu_s_per_step``, from /proc/stat) to show where the time goes and
 what bounds it. ``sync_cpu_bound`` is the most any overlap could give on this machine: the
-synchronous step time over the time its own CPU work takes when spread over every core.
+synchronous step time over the time its own CPU work takes when spread over every core;
+``core_contention`` measures what the cores charge for running work side by side (the same
+single-threaded compute, alone and one copy per core), and ``sync_cpu_bound_with_contention``
+divides the bound by that factor.
 
 ``breakdown`` (per pipeline mode) accounts for every core-second of a step: the machine's
 cores × step time = idle + the CPU time of every process, sampled from /proc every 0.25 s
@@ -86,7 +89,7 @@ class CpuSampler:
 
 
 ROLES = {"Sampler": "sampler", "Teacher": "teacher", "Learner": "learner", "Verifier": "verifier",
-         "ReplayBuffer": "buffer"}
+         "BufferActor": "buffer"}
 
 
 def _label(pid: int, title: str) -> str:
@@ -254,6 +257,43 @@ def run_mode(config, overrides, name: str, steps: int, lag: int, cpu: CpuSampler
     return out
 
 
+def _contention_worker(seconds: float, out) -> None:
+    """One thread of small-model compute (the stages' kind: fp32 matmuls of a 128-wide model) for
+    ``seconds`` of wall time; puts (units of work, CPU seconds) on ``out``."""
+    import torch
+
+    torch.set_num_threads(1)
+    x, w = torch.randn(512, 128), torch.randn(128, 128)
+    t_end, units, c0 = time.perf_counter() + seconds, 0, time.process_time()
+    while time.perf_counter() < t_end:
+        for _ in range(20):
+            x = torch.tanh(x @ w) * 0.5
+        units += 1
+    out.put((units, time.process_time() - c0))
+
+
+def measure_core_contention(seconds: float = 8.0) -> dict[str, float]:
+    """CPU seconds per unit of the same single-threaded work, alone and with one copy per core
+    running at once: what the cores themselves charge for overlap (shared caches, memory
+    bandwidth, a host that maps vCPUs onto hyperthreads), whatever the pipeline does."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    per_unit = {}
+    for k in (1, os.cpu_count() or 1):
+        q = ctx.Queue()
+        ps = [ctx.Process(target=_contention_worker, args=(seconds, q)) for _ in range(k)]
+        for p in ps:
+            p.start()
+        res = [q.get() for _ in ps]
+        for p in ps:
+            p.join()
+        per_unit[k] = sum(c for _, c in res) / sum(u for u, _ in res)
+    alone, together = per_unit[1], per_unit[max(per_unit)]
+    return {"cpu_s_per_unit_alone": alone, "cpu_s_per_unit_all_cores": together,
+            "contention_factor": together / alone}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", nargs="?")
@@ -280,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(cfg.demo.cache_dir, recipe=cfg.demo.recipe)
     check_paths(cfg)
     prompts = as_prompts(load_data(cfg).train)
+    contention = measure_core_contention()
     ray.init(address=cfg.run.ray_address) if cfg.run.ray_address else ray.init(
         num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False)
     modes: dict[str, dict[str, float]] = {}
@@ -309,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         "async_over_ceiling": modes[best]["samples_per_s"] / modes["ceiling"]["samples_per_s"] if best else None,
         "cores": cores,
         "sync_cpu_bound": sync_cpu_bound,
+        "core_contention": contention,
+        # the same, when every CPU-second of work costs contention_factor once all cores are busy
+        "sync_cpu_bound_with_contention": (sync_cpu_bound / contention["contention_factor"]
+                                           if sync_cpu_bound else None),
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
     cols = ("samples_per_s", "tokens_per_s", "sampler_idle_frac", "teacher_idle_frac", "learner_idle_frac",
@@ -336,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     if sync_cpu_bound:
         print(f"sync_cpu_bound = {sync_cpu_bound:.2f}  (sync step time / its CPU work spread over {cores} cores: "
               "the most any overlap could give here)")
+    print(f"core contention: the same single-threaded work costs {contention['contention_factor']:.2f}× the "
+          f"CPU-seconds with all {cores} cores busy as alone")
+    if sync_cpu_bound:
+        print(f"sync_cpu_bound_with_contention = {result['sync_cpu_bound_with_contention']:.2f}")
     if best:
         print(f"async_over_sync = {result['async_over_sync']:.2f}  (best async mode: {best})")
         print(f"async_over_ceiling = {result['async_over_ceiling']:.2f}")
