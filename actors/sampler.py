@@ -109,6 +109,7 @@ class Sampler(WeightReceiver):
 
     def generate(self, prompts: list[Prompt]) -> list[Rollout]:
         """n responses per prompt, sampled, with behaviour log-probs and the policy version."""
+        self.require_complete_weights()
         rng, delay = self._chaos
         if delay:
             time.sleep(rng.uniform(0, delay))  # fault injection (config `chaos`), not counted as busy
@@ -145,5 +146,6 @@ class Sampler(WeightReceiver):
 
     def generate_greedy(self, prompts: list[Prompt]) -> list[str]:
         """Greedy decoding for held-out accuracy, batched in one engine call (a refused prompt: "")."""
+        self.require_complete_weights()
         outs = self._run(prompts, self._params(n=1, temperature=0.0))
         return ["" if o is None else o.outputs[0].text for o in outs]

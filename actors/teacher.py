@@ -283,6 +283,7 @@ class Teacher(WeightReceiver):
         Raises ``TeacherOOMError`` on out-of-memory. Any other error marks that micro-batch's
         rollouts ``failed`` (teacher None) and counts them.
         """
+        self.require_complete_weights()
         rng, delay = self._chaos
         if delay:
             time.sleep(rng.uniform(0, delay))  # fault injection (config `chaos`), not counted as busy
@@ -327,6 +328,7 @@ class Teacher(WeightReceiver):
 
     def generate_greedy(self, prompts: list[Prompt]) -> list[str]:
         """The teacher's own greedy answers (special tokens skipped), in input order."""
+        self.require_complete_weights()
         from vllm import SamplingParams, TokensPrompt
 
         if not prompts:

@@ -20,6 +20,7 @@ import uuid
 import ray
 
 from learner.concurrency import CONTROL, ControlPlane
+from learner.errors import PartialWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class WeightReceiver(ControlPlane):
     def _init_receiver(self) -> None:
         self.version = 0
         self._update_info = None
+        self._partial = False  # the last update failed part-way: weights unusable until the next one
         self._incarnation = uuid.uuid4().hex
 
     def init_weight_transfer_engine(self, init_info: dict, update_info: dict) -> bool:
@@ -83,13 +85,22 @@ class WeightReceiver(ControlPlane):
             # vLLM's worker ends the update session itself and takes the next complete update
             # (tests/test_weight_transfer.py); the version stays, as these weights are partial.
             log.error("%s: weight update to version %d failed; keeping version %d", self.label, version, self.version)
+            self._partial = True
             raise
         self.llm.finish_weight_update(weight_version=str(version))
+        self._partial = False
         self.llm.reset_prefix_cache()  # cached KV belongs to the old weights
         self.version = version
         dt = time.perf_counter() - t0
         self.busy_s += dt
         return dt
+
+    def require_complete_weights(self) -> None:
+        """Called before every generate or score: a failed update left the engine's layers partly
+        loaded, and vLLM would run on them (placeholder tensors) until a complete update."""
+        if getattr(self, "_partial", False):
+            raise PartialWeightsError(f"{self.label}: the last weight update failed part-way; waiting for the "
+                                      f"driver to re-send version {self.version}")
 
     @ray.method(concurrency_group=CONTROL)
     def incarnation(self) -> str:

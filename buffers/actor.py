@@ -23,6 +23,16 @@ import ray
 
 from buffers.records import Prompt, TrainBatch
 from buffers.replay import ReplayBuffer
+from learner.errors import PartialWeightsError
+
+
+def _partial_weights(e: BaseException) -> bool:
+    """Whether a chain failed because a sampler's (or following teacher's) weights were partial."""
+    while e is not None:
+        if isinstance(e, PartialWeightsError):
+            return True
+        e = getattr(e, "cause", None)
+    return False
 
 
 class BufferActor(ReplayBuffer):
@@ -64,15 +74,18 @@ class BufferActor(ReplayBuffer):
     async def add_chain(self, uids: list[int], scored_refs: list) -> str | None:
         """Add the scored groups of one chunk (one ref per domain) as each chain finishes.
 
-        Returns None, or what failed when a sampler, verifier or teacher of the chain died: the
-        chunk's prompts whose group did not complete are requeued (then admitted again under a
-        new uid) and the driver recovers the actor. Any other error (a bug, too many teacher
+        Returns None, or what failed when a sampler, verifier or teacher of the chain died or a
+        sampler's last weight update failed part-way (``PartialWeightsError``): the chunk's prompts
+        whose group did not complete are requeued (then admitted again under a new uid) and the
+        driver recovers. Any other error (a bug, too many teacher
         failures) propagates and stops the run."""
         try:
             for ref in scored_refs:
                 self.add(await ref)
                 self._notify()
-        except ray.exceptions.RayActorError as e:
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            if isinstance(e, ray.exceptions.RayTaskError) and not _partial_weights(e):
+                raise
             self.requeue([self.running[u] for u in uids if u in self.running])
             self._notify()
             return f"{type(e).__name__}: {str(e).splitlines()[0]}"

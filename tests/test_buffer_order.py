@@ -112,3 +112,28 @@ def test_actor_requeues_a_chain_whose_actor_died_and_closing_ends_parked_admissi
         assert await asyncio.wait_for(parked, 1) == []
 
     asyncio.run(scenario())
+
+
+def test_actor_requeues_a_chain_that_met_partial_weights_and_raises_any_other_task_error():
+    from learner.errors import PartialWeightsError
+
+    async def scenario():
+        buf = _buffer(BufferActor, max_lag=1)
+        a, b = await buf.admit_wait(2)
+        loop = asyncio.get_running_loop()
+        partial, bug = loop.create_future(), loop.create_future()
+        # as Ray delivers it down the chain: the teacher's task error, caused by the sampler's
+        partial.set_exception(ray.exceptions.RayTaskError("score", "tb", ray.exceptions.RayTaskError(
+            "generate", "tb", PartialWeightsError("sampler 0: the last weight update failed part-way"))))
+        failure = await buf.add_chain([a.uid], [partial])
+        assert failure and failure.startswith("RayTaskError")
+        assert [o for *_, o in buf.get_accounting()] == ["requeued"]
+        bug.set_exception(ray.exceptions.RayTaskError("score", "tb", ValueError("a bug")))
+        try:
+            await buf.add_chain([b.uid], [bug])
+        except ray.exceptions.RayTaskError:
+            pass
+        else:
+            raise AssertionError("a task error that is not a partial-weights refusal must stop the run")
+
+    asyncio.run(scenario())
