@@ -26,10 +26,11 @@ from buffers.replay import ReplayBuffer
 from learner.errors import PartialWeightsError
 
 
-def _partial_weights(e: BaseException) -> bool:
-    """Whether a chain failed because a sampler's (or following teacher's) weights were partial."""
+def _recoverable(e: BaseException | None) -> bool:
+    """Whether a chain failed because one of its actors died (Ray restarts it) or a sampler's (or
+    following teacher's) weights were partial; the error or any cause Ray chained to it."""
     while e is not None:
-        if isinstance(e, PartialWeightsError):
+        if isinstance(e, (ray.exceptions.RayActorError, PartialWeightsError)):
             return True
         e = getattr(e, "cause", None)
     return False
@@ -84,7 +85,7 @@ class BufferActor(ReplayBuffer):
                 self.add(await ref)
                 self._notify()
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-            if isinstance(e, ray.exceptions.RayTaskError) and not _partial_weights(e):
+            if not _recoverable(e):
                 raise
             self.requeue([self.running[u] for u in uids if u in self.running])
             self._notify()
