@@ -128,6 +128,12 @@ def test_actor_requeues_a_chain_that_met_partial_weights_and_raises_any_other_ta
         failure = await buf.add_chain([a.uid], [partial])
         assert failure and failure.startswith("RayTaskError")
         assert [o for *_, o in buf.get_accounting()] == ["requeued"]
+        (a2,) = await buf.admit_wait(1)
+        restarted = loop.create_future()  # a chain whose sampler Ray restarted mid-task
+        restarted.set_exception(ray.exceptions.RayTaskError("score", "tb", ray.exceptions.ActorUnavailableError(
+            "the actor was restarted", None)))
+        assert await buf.add_chain([a2.uid], [restarted])
+        assert [o for *_, o in buf.get_accounting()] == ["requeued", "requeued"]
         bug.set_exception(ray.exceptions.RayTaskError("score", "tb", ValueError("a bug")))
         try:
             await buf.add_chain([b.uid], [bug])
