@@ -99,6 +99,7 @@ class Pipeline:
         self.sync_groups = 0  # weight-sync groups formed so far (a recovery forms a new one)
         self._busy0: tuple[dict[str, float], float] | None = None  # busy seconds by role when the loops began
         self._busy_pending: tuple[list, float] | None = None  # busy-time reads in flight, and when launched
+        self._idle = {f"{r}/idle_frac": 0.0 for r in ("sampler", "teacher", "learner")}
         self._sync_lock, self._recover_lock = asyncio.Lock(), asyncio.Lock()
 
     def _following(self) -> list[tuple[str, object]]:
@@ -308,10 +309,20 @@ class Pipeline:
         up to the previous step: this step's reads are launched now and collected at the next, so a
         busy actor's answer never holds up the trainer."""
         prev, self._busy_pending = self._busy_pending, (self._busy_refs(), time.perf_counter())
-        busy = self._busy_by_role(await aget(prev[0], "busy-time read", self.timeout))
+        try:
+            busy = self._busy_by_role(await aget(prev[0], "busy-time read", self.timeout))
+        except StageError as e:
+            if not e.actor_died:
+                raise
+            # an actor restarted since the reads were sent (it is recovered elsewhere; its busy time
+            # starts again from 0): keep the last fractions and start counting anew
+            self._busy0 = (self._busy_by_role(await aget(self._busy_refs(), "busy-time read", self.timeout)),
+                           time.perf_counter())
+            return self._idle
         (busy0, t0), wall = self._busy0, prev[1] - self._busy0[1]
-        return {f"{r}/idle_frac": max(0.0, 1.0 - (busy[r] - busy0[r]) / wall) if wall > 0 else 0.0
-                for r in ("sampler", "teacher", "learner")}
+        self._idle = {f"{r}/idle_frac": max(0.0, 1.0 - (busy[r] - busy0[r]) / wall) if wall > 0 else 0.0
+                      for r in ("sampler", "teacher", "learner")}
+        return self._idle
 
 
 # Each rank reports its share of these (loss terms are already divided by the global response
