@@ -315,9 +315,11 @@ class Pipeline:
             if not e.actor_died:
                 raise
             # an actor restarted since the reads were sent (it is recovered elsewhere; its busy time
-            # starts again from 0): keep the last fractions and start counting anew
-            self._busy0 = (self._busy_by_role(await aget(self._busy_refs(), "busy-time read", self.timeout)),
-                           time.perf_counter())
+            # starts again from 0): keep the last fractions, count anew from the next read
+            self._busy0 = None
+            return self._idle
+        if self._busy0 is None:
+            self._busy0 = (busy, prev[1])
             return self._idle
         (busy0, t0), wall = self._busy0, prev[1] - self._busy0[1]
         self._idle = {f"{r}/idle_frac": max(0.0, 1.0 - (busy[r] - busy0[r]) / wall) if wall > 0 else 0.0
