@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-batch", type=int, help="override the peer's per_device_train_batch_size (trials)")
     ap.add_argument("--peer-lr", type=float, help="override the peer's learning_rate (trials)")
     ap.add_argument("--peer-beta", type=float, help="override the peer's beta (trials)")
+    ap.add_argument("--pipeline-set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="extra overrides of the pipeline's config, after the bench's own (trials; recorded in the JSON)")
     ap.add_argument("--peer-worker", type=Path, help=argparse.SUPPRESS)  # internal: run the peer, write here
     ap.add_argument("--stamp", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("uniopd").setLevel(logging.INFO)  # the pipeline's per-step progress lines
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")  # the peer does not use vLLM
     cache = args.cache_dir if args.cache_dir.is_absolute() else (REPO / args.cache_dir)
-    overrides = bench_overrides(cache.resolve(), args)
+    overrides = bench_overrides(cache.resolve(), args) + list(args.pipeline_set)
     if args.peer_worker:
         peer_worker(args, overrides, args.peer_worker, args.stamp)
         return 0

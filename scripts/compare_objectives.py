@@ -1,0 +1,125 @@
+"""The OPD family on one bench: every objective and teacher variant on the demo, same steps, same seeds.
+
+    python scripts/compare_objectives.py [--steps 60] [--seeds 0 1] [--only NAME ...] [--out compare_objectives.json]
+
+Each variant is configs/demo.yaml (math + reversal, the demo's tiny models, η = 0) with the overrides
+listed in ``VARIANTS`` and nothing else changed: no variant is tuned beyond its documented default. The
+first pair answers the Uni-OPD paper's question with the same objective (the SPEC §1 policy gradient
+alone, where the SPEC §4 calibration acts on the whole loss): Uni-OPD (SPEC §3.2 balancing + §4 margin
+shift) against vanilla OPD (neither). Every run measures held-out greedy accuracy per domain at
+``--steps``/2 and ``--steps`` (the demo's 100 prompts per domain: each figure is ± ~0.05), responses/s
+over its training time, and its wall time (actor start-up included). Runs are sequential in this one
+process; the table reports the mean over seeds and the per-seed values. Writes ``--out`` and prints a
+Markdown table (the README's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see actors/placement.py
+
+# The demo's default objective, for the Uni-OPD / vanilla pair of the distribution-matching family.
+_PG = "learner.objective={type: reverse_kl_pg}"
+_VANILLA = ["buffer.balance=false", "buffer.calibration=none"]
+_TOPK = "top_k: 64, on_masked: true, pg: {weight: 0.1}"  # the demo's top-k settings (64 ≥ the 50-token vocabulary)
+
+# name → (what it is, overrides of configs/demo.yaml). Filled with each variant's documented defaults.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "uniopd_pg": ("Uni-OPD: SPEC §1 policy gradient + §3.2 balancing + §4 margin shift", [_PG]),
+    "vanilla_pg": ("vanilla OPD: SPEC §1 policy gradient, no balancing, no calibration", [_PG, *_VANILLA]),
+    "uniopd_fkl": ("Uni-OPD, the demo's objective: forward_kl_topk + 0.1 × §1 term (balanced, shifted)", []),
+    "vanilla_fkl": ("vanilla OPD, the demo's objective (no balancing, no calibration)", _VANILLA),
+    "reverse_kl_topk": ("reverse KL over the teacher's top-k + tail, + 0.1 × §1 term",
+                        [f"learner.objective={{type: reverse_kl_topk, {_TOPK}}}"]),
+    "jsd": ("generalised JSD β = 0.5 (GKD), + 0.1 × §1 term", [f"learner.objective={{type: jsd, beta: 0.5, {_TOPK}}}"]),
+}
+
+STEP_FIELDS = ("samples_per_s", "train_seconds", "steps")
+
+
+def overrides_for(name: str, seed: int, steps: int, cache: Path, stamp: str) -> list[str]:
+    return [*VARIANTS[name][1], f"run.steps={steps}", f"run.eval_every={max(1, steps // 2)}", f"run.seed={seed}",
+            f"run.name=cmp-{stamp}-{name}-s{seed}", "run.output_dir=runs/compare", "run.eval_teachers=true",
+            "demo.prepare=false"]
+
+
+def run_one(name: str, seed: int, steps: int, cache: Path, stamp: str) -> dict:
+    from actors.pipeline import run
+    from configs.schema import load_config
+
+    cfg = load_config(None, overrides_for(name, seed, steps, cache, stamp))
+    t0 = time.perf_counter()
+    s = run(cfg)
+    wall = time.perf_counter() - t0
+    at = {c["step"]: c["accuracy"] for c in s["curve"]}
+    return {"variant": name, "seed": seed, "wall_s": wall, **{k: s[k] for k in STEP_FIELDS},
+            "accuracy_at": {str(k): v for k, v in sorted(at.items())}, "teacher": s["accuracy"].get("teacher", {}),
+            "run_dir": str(cfg.run_dir)}
+
+
+def table(results: list[dict], steps: int) -> str:
+    """Markdown: per variant, held-out accuracy per domain at steps/2 and steps (mean over seeds, then
+    each seed), responses/s and wall time (means)."""
+    marks = [str(max(1, steps // 2)), str(steps)]
+    domains = sorted({d for r in results for acc in r["accuracy_at"].values() for d in acc})
+    head = ["variant"] + [f"{d} @{m}" for d in domains for m in marks] + ["responses/s", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name in dict.fromkeys(r["variant"] for r in results):
+        rs = [r for r in results if r["variant"] == name]
+        cells = [name]
+        for d in domains:
+            for m in marks:
+                vals = [r["accuracy_at"][m][d] for r in rs if m in r["accuracy_at"]]
+                cells.append(f"{statistics.mean(vals):.2f} ({' / '.join(f'{v:.2f}' for v in vals)})" if vals else "–")
+        cells.append(f"{statistics.mean(r['samples_per_s'] for r in rs):.0f}")
+        cells.append(f"{statistics.mean(r['wall_s'] for r in rs):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60, help="training steps per run (accuracy at steps/2 and steps)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these variants only")
+    ap.add_argument("--cache-dir", type=Path, default=Path(".cache/demo"), help="the demo's models and data")
+    ap.add_argument("--out", default="compare_objectives.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("uniopd").setLevel(logging.INFO)
+    os.chdir(REPO)
+    cache = args.cache_dir.resolve()
+    if not (cache / "READY").is_file():
+        from demo.prepare import prepare
+
+        print(f"building the demo cache in {cache} (minutes)", flush=True)
+        prepare(cache)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    names = args.only or list(VARIANTS)
+    results = []
+    out = {"settings": {"steps": args.steps, "seeds": args.seeds, "config": "configs/demo.yaml",
+                        "variants": {n: {"what": VARIANTS[n][0], "overrides": VARIANTS[n][1]} for n in names}},
+           "loadavg_at_start": os.getloadavg(), "results": results}
+    for name in names:
+        for seed in args.seeds:
+            print(f"=== {name} seed {seed}: {VARIANTS[name][0]}", flush=True)
+            results.append(run_one(name, seed, args.steps, cache, stamp))
+            Path(args.out).write_text(json.dumps(out, indent=2))  # nothing computed is lost if a later run fails
+    print(f"\n{args.steps} steps, seeds {args.seeds}; held-out accuracy: mean (per seed)\n")
+    print(table(results, args.steps))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
