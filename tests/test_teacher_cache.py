@@ -153,3 +153,14 @@ def test_weights_hash_is_the_hash_of_names_sizes_and_shard_hashes_and_is_stable(
     ident = model_identity(d)
     write_producer(tmp_path / "sft.jsonl", ident)
     assert read_producer(tmp_path / "sft.jsonl") == ident and read_producer(tmp_path / "other") is None
+
+
+def test_collate_marks_prefilled_cached_responses_as_raw_behaviour():
+    from buffers.records import TrainSample
+    from learner.batch import collate
+
+    def sample(raw: bool) -> TrainSample:
+        return TrainSample([1, 2], [3], np.float32([-0.5]), None, None, None, 0.0, 1.0, 0, "d", True, "p",
+                           behaviour_raw=raw)
+
+    assert collate([sample(True), sample(False)], 0, 0).raw_behave_B.tolist() == [1.0, 0.0]
