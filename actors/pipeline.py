@@ -151,9 +151,13 @@ class Pipeline:
             by_dom[p.domain].append(p)
         refs = []
         for dom, ps in sorted(by_dom.items()):
-            rollouts = self.a.samplers[i].generate.remote(ps)
+            teacher = self.router.pick(dom)
+            if self.cfg.teachers[self.cfg.domains[dom].teacher].type == "cache":  # SPEC §5 offline cache
+                rollouts = self.a.samplers[i].prefill.remote(teacher.responses.remote(ps))
+            else:
+                rollouts = self.a.samplers[i].generate.remote(ps)
             verified = self.a.verifier.verify.remote(rollouts)
-            refs.append(self.router.pick(dom).score.remote(verified))
+            refs.append(teacher.score.remote(verified))
         return refs
 
     def send_weights(self, version: int) -> list:
@@ -354,7 +358,8 @@ def load_data(cfg: RunConfig) -> RunData:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.student.path)
-    check_tokenizers(cfg.student.path, {n: t.path for n, t in cfg.teachers.items()}, student_tok=tok)
+    check_tokenizers(cfg.student.path, {n: t.path for n, t in cfg.teachers.items() if t.type == "vllm"},
+                     student_tok=tok)
     chat = resolve_chat_template(cfg.data.chat_template, tok, cfg.student.path)
     train = load_sources(cfg, "train", tok, chat)
     heldout = as_prompts(load_sources(cfg, "heldout", tok, chat), cfg.data.heldout_limit)

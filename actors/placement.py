@@ -28,11 +28,12 @@ import ray
 
 from actors.sampler import Sampler
 from actors.teacher import Teacher
+from actors.teacher_cache import CachedTeacher
 from actors.verifier import Verifier
 from buffers.records import Prompt
 from buffers.actor import BufferActor
 from buffers.replay import PromptSource
-from configs.schema import RunConfig
+from configs.schema import CacheTeacher, RunConfig
 from learner.concurrency import CONCURRENCY_GROUPS
 from learner.learner import Learner
 from learner.logprobs import LogitProcessing
@@ -159,7 +160,9 @@ def spawn_actors(cfg: RunConfig, train_sources: Sequence[PromptSource] | list[Pr
     ]
     top_k = cfg.learner.objective.top_k if cfg.needs_topk else 0
     teachers = {
-        name: [_remote(Teacher, t.num_cpus, t.num_gpus, {**_SAMPLER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(t.kv_cache_gib)},
+        name: [_remote(CachedTeacher, t.num_cpus, max_restarts=2, **_in(pg[f"teacher-{name}-0"], 0)).remote(
+            name, t, group_size=s.n, top_k=top_k, max_new_tokens=s.max_new_tokens, max_model_len=s.max_model_len)]
+        if isinstance(t, CacheTeacher) else [_remote(Teacher, t.num_cpus, t.num_gpus, {**_SAMPLER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(t.kv_cache_gib)},
                        max_restarts=2, **_in(pg[f"teacher-{name}-{j}"], 0)).remote(
             name, t, top_k=top_k, max_model_len=t.max_model_len or s.max_model_len, max_new_tokens=s.max_new_tokens,
             chaos_delay_s=cfg.chaos.teacher_delay_s, seed=cfg.run.seed + j, weight_backend=cfg.weight_sync.backend)

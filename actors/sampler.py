@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from actors.teacher_cache import prefill_logprobs, with_behaviour
 from actors.weight_receiver import WeightReceiver, transfer_config
 from buffers.records import Prompt, Rollout
 from configs.schema import SamplerConfig
@@ -143,6 +144,15 @@ class Sampler(WeightReceiver):
                 )
         self.busy_s += time.perf_counter() - t0
         return rollouts
+
+    def prefill(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """The student's raw log-probs of given (cached, SPEC §5) responses and this policy version: their
+        behaviour policy (actors/teacher_cache.py says what the SPEC §2 weight then corrects)."""
+        self.require_complete_weights()
+        t0 = time.perf_counter()
+        lps = prefill_logprobs(self.llm, [r for r in rollouts if r.response_ids])
+        self.busy_s += time.perf_counter() - t0
+        return with_behaviour(rollouts, lps, self.version, self.rank)
 
     def generate_greedy(self, prompts: list[Prompt]) -> list[str]:
         """Greedy decoding for held-out accuracy, batched in one engine call (a refused prompt: "")."""

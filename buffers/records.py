@@ -58,6 +58,9 @@ class Rollout:
     text: str
     finish_reason: FinishReason
     sampler_rank: int = 0
+    # "prefill": a cached response (SPEC §5 offline cache) the student scored by a prefill: its log-probs
+    # are raw (no temperature / top-p), and the learner compares raw with raw (actors/teacher_cache.py)
+    behaviour: Literal["sampled", "prefill"] = "sampled"
 
     @property
     def num_tokens(self) -> int:
@@ -151,6 +154,7 @@ class TrainSample:
     correct: bool
     prompt_id: str
     excluded: bool = False  # out of both loss terms (a truncated response under buffer.truncated=mask)
+    behaviour_raw: bool = False  # behaviour log-probs are raw (a prefill of a cached response), not processed
 
 
 @dataclass

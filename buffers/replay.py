@@ -280,6 +280,7 @@ class ReplayBuffer:
                     correct=c,
                     prompt_id=r.prompt.id,
                     excluded=e,
+                    behaviour_raw=r.behaviour == "prefill",
                 )
             )
         for g in kept_groups:

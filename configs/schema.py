@@ -20,9 +20,10 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 # The pluggable parts of the algorithm (configs/algorithm.py), re-exported: one import path for every config type.
 from configs.algorithm import (  # noqa: F401
-    CalibrationConfig, ConstantLR, CosineLR, ForwardKLTopK, IcePop, ImportanceConfig, JSDTopK, LinearLR, LRSchedule,
+    _tagged, CalibrationConfig, ConstantLR, CosineLR, ForwardKLTopK, IcePop, ImportanceConfig, JSDTopK, LinearLR, LRSchedule,
     MarginMask, MarginShift, NoCalibration, NoImportance, ObjectiveConfig, PolicyGradientTerm, ReverseKLPG,
     ReverseKLTopK, Section, Statistic, TopKObjective, TruncatedIS, moved_keys)
+from configs.teachers import CacheTeacher
 
 DEFAULT_CONFIG = Path(__file__).with_name("demo.yaml")
 
@@ -168,6 +169,7 @@ class DomainConfig(Section):
 class TeacherConfig(Section):
     """A teacher served by vLLM: scoring is a prefill with ``prompt_logprobs`` (SPEC §1, §6)."""
 
+    type: Literal["vllm"] = "vllm"
     path: str = Field(description="Hugging Face model directory of the teacher.")
     replicas: int = Field(1, ge=1, description="Teacher actors (vLLM engines) serving this model (round-robin).")
     num_cpus: float = Field(0.5, gt=0, description="Ray CPUs per teacher actor.")
@@ -184,6 +186,10 @@ class TeacherConfig(Section):
     follow_student: bool = Field(False, description="Self-distillation: this teacher is the student itself "
                                  "(`path` = `student.path`) and takes every weight update of the learner, as the "
                                  "samplers do (through vLLM's weight-transfer API).")
+
+
+# `type: vllm` (default, live) or `type: cache` (SPEC §5 offline cache, configs/teachers.py)
+TeacherVariant = Annotated[TeacherConfig | CacheTeacher, Field(discriminator="type"), _tagged("vllm")]
 
 
 class ModelConfig(Section):
@@ -341,7 +347,7 @@ class RunConfig(Section):
     data: DataSection
     student: ModelConfig
     domains: dict[str, DomainConfig]
-    teachers: dict[str, TeacherConfig]
+    teachers: dict[str, TeacherVariant]
     sampler: SamplerConfig = SamplerConfig()
     verifier: VerifierSection = VerifierSection()
     buffer: BufferConfig = BufferConfig()
@@ -525,7 +531,9 @@ def check_paths(cfg: RunConfig, only_existing: bool = False) -> list[str]:
     if not Path(cfg.student.path, "config.json").is_file():
         problems.append(f"`student.path` is {cfg.student.path!r}: no config.json there; point it at a HF model dir")
     for name, t in cfg.teachers.items():
-        if not Path(t.path, "config.json").is_file():
+        if isinstance(t, CacheTeacher):
+            problems += t.problems(name, cfg.learner.objective.top_k if cfg.needs_topk else 0)
+        elif not Path(t.path, "config.json").is_file():
             problems.append(f"`teachers.{name}.path` is {t.path!r}: no config.json there; point it at a HF model dir")
     from buffers.dataset import source_files  # datasets is imported only when paths are checked
 

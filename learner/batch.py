@@ -34,6 +34,7 @@ class LearnerBatch:
     topk_ids_BTK: torch.Tensor | None  # the teacher's top-k token ids (None: no distribution term)
     topk_lp_BTK: torch.Tensor | None  # their teacher log-probs, SPEC §6
     has_topk_B: torch.Tensor  # 1.0 when the response has the teacher's top-k
+    raw_behave_B: torch.Tensor | None = None  # 1.0: behave_BT is raw (a prefilled cached response, SPEC §5)
 
     @property
     def top_k(self) -> int:
@@ -89,7 +90,7 @@ def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> LearnerBatch
     return LearnerBatch(ids_BL=ids_BL, attn_BL=attn_BL, pos_BT=pos_BT, resp_BT=resp_BT, mask_BT=mask_BT,
                         behave_BT=behave_BT, teacher_BT=teacher_BT, has_teacher_B=has_teacher_B, shift_B=shift_B,
                         weight_B=weight_B, excluded_B=excluded_B, topk_ids_BTK=topk_ids, topk_lp_BTK=topk_lp,
-                        has_topk_B=has_topk_B)
+                        has_topk_B=has_topk_B, raw_behave_B=torch.tensor([float(s.behaviour_raw) for s in samples]))
 
 
 def plan_micro_batches(lengths: list[int], world_size: int, max_tokens: int,

@@ -202,6 +202,8 @@ class Learner(ControlPlane):
         mask = b.mask_BT
         logp = logp_BTJ[..., 0]
         old = logp.detach()
+        if b.raw_behave_B is not None and bool(b.raw_behave_B.any()):  # cached responses: raw against raw
+            old_proc = torch.where(b.raw_behave_B[:, None] > 0, old, old_proc)
         stats = {"mismatch_kl": float(obj.mismatch_kl(old_proc, b.behave_BT, mask))}
         pg_B = None
         if o.pg is not None:
