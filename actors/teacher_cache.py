@@ -258,8 +258,13 @@ def sft_rollouts(cfg, src, response_key: str) -> tuple[list[Rollout], int]:
                              "pass --response-key")
         spec = _RowSpec(src, prompt_format(cfg, src, chat), verifiers, cfg.max_prompt_tokens,
                         src.id_key is not None and src.id_key in raw.column_names)
-        rows = _convert_batch(raw.to_dict(), list(range(len(raw))), spec=spec, tokenizer=tok, where=where)
-        texts = raw[response_key]
+        cols = raw.to_dict()
+        rows = _convert_batch(cols, list(range(len(raw))), spec=spec, tokenizer=tok, where=where)
+        texts = cols[response_key]  # a list (indexing a datasets table gives a lazy Column the tokenizer refuses)
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ValueError(f"{where}: row {bad}: the response column {response_key!r} holds "
+                             f"{type(texts[bad]).__name__}, not text; fix the row or pass --response-key")
         resp_ids = tok(texts, add_special_tokens=False)["input_ids"]
         for i in range(len(raw)):
             if rows["_error"][i] is not None or rows["_overlong"][i]:

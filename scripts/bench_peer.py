@@ -82,6 +82,25 @@ PEER_TRIALS: list[dict] = [
      "acc": [.13, .38, .46, .42, .54, .57]},
 ]
 
+# The pipeline's settings that differ from configs/demo.yaml, each with why; chosen by PIPELINE_TRIALS (a trial
+# is reproduced with --skip-peer --lags 1 --budget-s 120 --eval-every-s 30 --pipeline-set KEY=VALUE ...).
+PIPELINE_SETTINGS = {
+    "data.prompts_per_step": (64, "64 prompts per step like the peer: the same prompt diversity per optimizer step"),
+    "sampler.n": (2, "2 responses per prompt (the demo's 4 spends half of each step on a prompt's 3rd and 4th "
+                     "response): 128 responses per step; in the trials the best accuracy per training second "
+                     "and the most responses/s"),
+}
+# Pipeline-only trials at η = 1 (2026-12-02, this machine beside four helper sessions editing code; 120 s of
+# training each, held-out accuracy every 30 s). The demo's own settings (32 × 4) in the 240-s invocation of
+# 2026-12-01 read 0.13, 0.28, 0.42, 0.25, 0.38 over the same first 120 s at 176 responses/s.
+PIPELINE_TRIALS: list[dict] = [
+    {"set": ["data.prompts_per_step=16"], "responses_per_s": 154.8, "acc": [.13, .25, .31, .30, .46]},
+    {"set": ["data.prompts_per_step=16", "objective without the §1 term (pg: null)"], "responses_per_s": 174.3,
+     "acc": [.13, .26, .27, .44, .33]},
+    {"set": ["sampler.n=2"], "responses_per_s": 139.7, "acc": [.13, .35, .34, .40, .43]},
+    {"set": ["sampler.n=2", "data.prompts_per_step=64"], "responses_per_s": 196.8, "acc": [.13, .33, .38, .49, .45]},
+    {"set": ["sampler.n=2", "learner.lr=1e-3"], "responses_per_s": 177.8, "acc": [.13, .28, .36, .38, .53]},
+]
 
 def bench_overrides(cache: Path, args) -> list[str]:
     """configs/demo.yaml reduced to its math domain, with its paths moved into ``cache``."""
@@ -102,7 +121,8 @@ def bench_overrides(cache: Path, args) -> list[str]:
             f"domains={dump({DOMAIN: tree['domains'][DOMAIN]})}", f"teachers={dump({teacher: t})}",
             f"data.train={srcs('train')}", f"data.heldout={srcs('heldout')}", "data.heldout_limit=0",
             "run.output_dir=runs/bench_peer", f"run.time_budget_s={args.budget_s}",
-            f"run.eval_every_s={args.eval_every_s}", "run.eval_every=0", "run.steps=100000"]
+            f"run.eval_every_s={args.eval_every_s}", "run.eval_every=0", "run.steps=100000",
+            *(f"{k}={v}" for k, (v, _) in PIPELINE_SETTINGS.items())]
 
 
 def machine_info() -> dict:
@@ -354,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         result["peer_settings"] = {k: {"value": result["systems"]["trl"]["settings"][k], "why": why}
                                    for k, (_, why) in PEER_SETTINGS.items()}
         result["peer_trials"] = PEER_TRIALS
+    if not args.skip_pipeline:
+        result["pipeline_settings"] = {k: {"value": v, "why": why} for k, (v, why) in PIPELINE_SETTINGS.items()}
+        result["pipeline_trials"] = PIPELINE_TRIALS
     systems = result["systems"]
     if not systems:
         print("nothing to run (--skip-peer and --skip-pipeline)")
