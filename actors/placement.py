@@ -157,7 +157,7 @@ def spawn_actors(cfg: RunConfig, train_sources: Sequence[PromptSource] | list[Pr
             weight_backend=cfg.weight_sync.backend)
         for i in range(s.num_samplers)
     ]
-    top_k = cfg.learner.objective.top_k if cfg.needs_topk else 0
+    top_k = cfg.teacher_top_k
     teachers = {
         name: [_remote(Teacher, t.num_cpus, t.num_gpus, {**_SAMPLER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(t.kv_cache_gib)},
                        max_restarts=2, **_in(pg[f"teacher-{name}-{j}"], 0)).remote(
