@@ -44,7 +44,8 @@ from buffers.dataset import LoadedSource, as_prompts, load_sources
 from buffers.formatting import resolve_chat_template
 from buffers.records import Prompt
 from buffers.scoring import ScorerRefs, scoring_rule
-from configs.schema import ConfigError, RunConfig, check_paths, dump_config, reference_of, teacher_names
+from configs.schema import (ConfigError, RunConfig, check_paths, combination_of, dump_config, reference_of,
+                           teacher_names)
 
 log = logging.getLogger("uniopd")
 
@@ -66,7 +67,7 @@ def describe_plan(cfg: RunConfig) -> str:
     lines.append("domains → teacher (verifier):")
     for d, c in cfg.domains.items():
         names = teacher_names(c.teacher)
-        how = f", {c.combine.summary}" if len(names) > 1 else ""
+        how = f", {combination_of(c.combine).summary}" if len(names) > 1 else ""
         lines.append(f"  {d:<10} → {'+'.join(names):<18} ({c.verifier.type}{how}) "
                      f"{', '.join(cfg.teachers[t].path for t in names)}")
     if ref := reference_of(cfg):

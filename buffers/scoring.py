@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from buffers.records import CliffStats, ScoredRollout, TeacherMix, TeacherScore
-from configs.schema import ConfidenceWeights, EqualWeights, RunConfig, reference_of, teacher_names
+from configs.schema import ConfidenceWeights, EqualWeights, RunConfig, combination_of, reference_of, teacher_names
 
 # Probabilities are kept inside (ε, 1 − ε) before a logit: a teacher that is certain in float32 (log-prob 0)
 # would otherwise give an infinite logit.
@@ -77,7 +77,7 @@ def scoring_rule(cfg: RunConfig, domain: str) -> ScoringRule | None:
     if len(names) == 1 and ref is None:
         return None
     o = cfg.learner.objective
-    return ScoringRule(domain, names, cfg.domains[domain].combine, o.top_k if cfg.needs_topk else 0, ref,
+    return ScoringRule(domain, names, combination_of(cfg.domains[domain].combine), o.top_k if cfg.needs_topk else 0, ref,
                        o.lam if ref else 1.0, o.cliff_clip if ref else None)
 
 

@@ -24,7 +24,7 @@ from configs.algorithm import (  # noqa: F401
     MarginMask, MarginShift, NoCalibration, NoImportance, ObjectiveConfig, PolicyGradientTerm, ReverseKLPG,
     ReverseKLTopK, Section, Statistic, TopKObjective, TruncatedIS, moved_keys)
 from configs.scoring import (ConfidenceWeights, EqualWeights, TeacherCombination, check_scoring,  # noqa: F401
-                             reference_of, teacher_names)
+                             combination_of, reference_of, teacher_names)
 
 DEFAULT_CONFIG = Path(__file__).with_name("demo.yaml")
 
@@ -166,8 +166,8 @@ class DomainConfig(Section):
     teacher: str | list[str] = Field(description="Name of the teacher (a key of `teachers`) that scores this "
                                      "domain, or a list of several whose scores are combined per response (SPEC §5; "
                                      "the first one is the domain's held-out accuracy bar).")
-    combine: TeacherCombination = Field(ConfidenceWeights(), description="With several teachers: their weights per "
-                                        "response (configs/scoring.py): `confidence` (default, τ = 1) or `equal`.")
+    combine: TeacherCombination | None = Field(None, description="With several teachers: their weights per response "
+                                               "(configs/scoring.py): `confidence` (null: this, τ = 1) or `equal`.")
     verifier: VerifierConfig = Field(description="How a response of this domain is graded.")
 
 

@@ -47,6 +47,11 @@ class EqualWeights(Section):
 TeacherCombination = Annotated[ConfidenceWeights | EqualWeights, Field(discriminator="type"), _tagged("confidence")]
 
 
+def combination_of(combine: ConfidenceWeights | EqualWeights | None) -> ConfidenceWeights | EqualWeights:
+    """``domains.<d>.combine`` with its default (null: confidence weights, τ = 1)."""
+    return combine or ConfidenceWeights()
+
+
 def teacher_names(teacher: str | list[str]) -> tuple[str, ...]:
     """``domains.<d>.teacher`` as a tuple of names (one name or a list)."""
     return (teacher,) if isinstance(teacher, str) else tuple(teacher)
@@ -88,7 +93,7 @@ def check_scoring(cfg: RunConfig) -> None:
         if len(set(names)) != len(names):
             raise ValueError(f"`domains.{name}.teacher` lists a teacher twice ({list(names)}); list each once "
                              "(weights come from `combine`, not from repetition)")
-        if len(names) == 1 and "combine" in dom.model_fields_set:
+        if len(names) == 1 and dom.combine is not None:
             raise ValueError(f"`domains.{name}.combine` is set but the domain has one teacher ({names[0]!r}); "
                              f"remove `combine` or list several teachers in `domains.{name}.teacher`")
     ref = reference_of(cfg)
