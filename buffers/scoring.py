@@ -98,8 +98,9 @@ def teacher_weights(confidence_K: np.ndarray, answered_K: np.ndarray,
     answered_K = np.asarray(answered_K, dtype=bool)
     if not answered_K.any():
         return np.zeros(len(answered_K))
-    z_K = np.zeros(len(answered_K)) if isinstance(weighting, EqualWeights) else \
-        np.asarray(confidence_K, dtype=np.float64) / weighting.temperature
+    # a non-finite confidence (a −inf log-prob somewhere) weighs nothing, unless all are non-finite
+    c_K = np.nan_to_num(np.asarray(confidence_K, dtype=np.float64), nan=-1e30, neginf=-1e30, posinf=0.0)
+    z_K = np.zeros(len(answered_K)) if isinstance(weighting, EqualWeights) else c_K / weighting.temperature
     z_K = np.where(answered_K, z_K - z_K[answered_K].max(), -np.inf)
     e_K = np.exp(z_K)
     return e_K / e_K.sum()
@@ -172,7 +173,8 @@ def _combine_one(rule: ScoringRule, scored: list[ScoredRollout]) -> ScoredRollou
     verified = scored[0].verified
     if not answered.any() or (ref is not None and (ref.status != "ok" or ref.teacher is None)):
         return ScoredRollout(verified, None, rule.label, "failed", TeacherMix(rule.teachers, tuple(map(float, w))))
-    lp_T = sum(float(w[i]) * teach[i].teacher.logprobs_T.astype(np.float64) for i in np.flatnonzero(answered))
+    # only w > 0 terms: 0 · (−inf) would be NaN
+    lp_T = sum(float(w[i]) * teach[i].teacher.logprobs_T.astype(np.float64) for i in np.flatnonzero(w > 0))
     best = teach[int(np.argmax(w))].teacher
     cliff = None
     if ref is not None:

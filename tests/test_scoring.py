@@ -82,6 +82,14 @@ def test_failed_teacher_renormalises_over_the_ones_that_answered():
     np.testing.assert_allclose(eq.mix.weights, [0.5, 0.0, 0.5])
 
 
+def test_a_teacher_with_an_infinite_logprob_weighs_nothing_and_poisons_nothing():
+    # c_A = -inf: softmax gives A weight e^(-1e30 - (-1)) = 0 and B weight 1; ℓ is B's numbers, no NaN.
+    v = _rollout([4, 5])
+    (out,) = combine(_rule(), [[_score(v, [-np.inf, -1.0], "A")], [_score(v, [-1.0, -2.0], "B")]])
+    assert out.mix.weights == (0.0, 1.0)
+    np.testing.assert_array_equal(out.teacher.logprobs_T, np.array([-1.0, -2.0], np.float32))
+
+
 def test_all_teachers_failed_takes_the_usual_failure_path():
     v = _rollout([4, 5])
     (out,) = combine(_rule(), [[_score(v, None, "A", status="failed")], [_score(v, None, "B", status="failed")]])
