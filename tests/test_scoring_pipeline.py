@@ -42,14 +42,16 @@ def test_two_teacher_domain_trains_with_confidence_weights(tiny_demo, ray_cluste
     with _pipeline(tiny_demo, tmp_path, **{"domains.math.teacher": "[math_teacher, reverse_teacher]",
                                            "domains.math.combine": "{type: confidence, temperature: 1.0}"}) as pipe:
         seen = _train(pipe, 3)
-    for m in seen:
+    with_math = [m for m in seen if "accuracy/train/math" in m]  # a batch of 4 prompts may hold one domain only
+    assert with_math
+    for m in with_math:
         w = m["teacher/math/weight/math_teacher"], m["teacher/math/weight/reverse_teacher"]
         assert all(0 <= x <= 1 for x in w) and sum(w) == pytest.approx(1.0, abs=1e-6)  # no failures: Σ_k w_k = 1
         assert "teacher/reverse/weight/reverse_teacher" not in m  # one teacher: the plain path
         assert m["teacher/failed_responses"] == 0
     # the math teacher is far more confident on math responses than the reversal teacher (trained on
     # another task), so confidence weighting must lean on it
-    assert np.mean([m["teacher/math/weight/math_teacher"] for m in seen]) > 0.5
+    assert np.mean([m["teacher/math/weight/math_teacher"] for m in with_math]) > 0.5
 
 
 def test_extrapolated_trains_and_its_scores_are_the_extrapolated_target(tiny_demo, ray_cluster, tmp_path):
@@ -81,6 +83,8 @@ def test_extrapolated_trains_and_its_scores_are_the_extrapolated_target(tiny_dem
             np.testing.assert_allclose(s.teacher_logprobs_T, want, atol=1e-4)
     assert ok
     for m in [*seen, info]:
-        for d in ("math", "reverse"):
+        domains = [d for d in ("math", "reverse") if f"accuracy/train/{d}" in m]
+        assert domains
+        for d in domains:
             assert 0 < m[f"extrapolation/{d}/teacher_modal_prob"] <= 1
             assert 0 <= m[f"extrapolation/{d}/past_cliff_frac"] <= m[f"extrapolation/{d}/measured_frac"] <= 1
