@@ -135,6 +135,16 @@ def test_extrapolated_identity_on_numbers():
     np.testing.assert_allclose(out.teacher.logprobs_T - old, [0.8, -1.175], atol=1e-6)
 
 
+def test_extrapolated_over_two_teachers_extrapolates_their_weighted_score():
+    # The teachers' ℓ of test_confidence_weights_and_combined_logprobs_by_hand, [-0.678805, -1.798008], is the
+    # π_T side; reference [-1, -1], λ = 1.25: 1.25·ℓ − 0.25·ref = [-0.848506 + 0.25, -2.247510 + 0.25].
+    v = _rollout([4, 5])
+    rule = _rule(("A", "B"), reference="R", lam=1.25)
+    (out,) = combine(rule, [[_score(v, [-0.5, -1.5], "A")], [_score(v, [-2.0, -4.0], "B")], [_score(v, [-1.0, -1.0], "R")]])
+    np.testing.assert_allclose(out.teacher.logprobs_T, [-0.598506, -1.997510], atol=1e-5)
+    np.testing.assert_allclose(out.mix.weights, [0.880797, 0.119203], atol=1e-6)
+
+
 def test_extrapolated_needs_both_the_teacher_and_the_reference():
     v = _rollout([4])
     rule = _rule(("T",), reference="R", lam=1.25)
