@@ -54,7 +54,7 @@ def evaluate_teachers(cfg: RunConfig, actors: Actors, router: TeacherRouter, pro
     out: dict[str, float] = {}
     todo = []
     for d in sorted(by_dom):
-        if cfg.teachers[cfg.domains[d].teacher].type == "cache":
+        if cfg.teachers[cfg.teacher_of_domain[d]].type == "cache":
             continue  # an offline cache (SPEC §5) has no model to set a bar with
         path = eval_cache_path(cfg, d, by_dom[d])
         if path.is_file():
@@ -68,7 +68,7 @@ def evaluate_teachers(cfg: RunConfig, actors: Actors, router: TeacherRouter, pro
         for (d, path), t in zip(todo, texts):
             out[d] = accuracy(actors, by_dom[d], t, cfg.run.call_timeout_s)[d]
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"domain": d, "teacher": cfg.domains[d].teacher, "accuracy": out[d],
+            path.write_text(json.dumps({"domain": d, "teacher": cfg.teacher_of_domain[d], "accuracy": out[d],
                                         "prompts": len(by_dom[d])}))
     return dict(sorted(out.items()))
 
@@ -76,7 +76,7 @@ def evaluate_teachers(cfg: RunConfig, actors: Actors, router: TeacherRouter, pro
 def eval_cache_path(cfg: RunConfig, domain: str, prompts: list[Prompt]) -> Path:
     """Key: the teacher's weights (file names, sizes, mtimes), the held-out prompts' ids and tokens, the
     generation length and the domain's verifier."""
-    teacher = cfg.teachers[cfg.domains[domain].teacher]
+    teacher = cfg.teachers[cfg.teacher_of_domain[domain]]
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(teacher.path).glob("*")
                      if f.suffix in (".safetensors", ".bin", ".pt"))
     h = hashlib.sha256(json.dumps([str(Path(teacher.path).resolve()), weights, cfg.sampler.max_new_tokens,

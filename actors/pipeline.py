@@ -43,7 +43,9 @@ from actors.vocab_check import check_tokenizers
 from buffers.dataset import LoadedSource, as_prompts, load_sources
 from buffers.formatting import resolve_chat_template
 from buffers.records import Prompt
-from configs.schema import ConfigError, RunConfig, check_paths, dump_config
+from buffers.scoring import ScorerRefs, scoring_rule
+from configs.schema import (ConfigError, RunConfig, check_paths, combination_of, dump_config, reference_of,
+                           teacher_names)
 
 log = logging.getLogger("uniopd")
 
@@ -64,7 +66,12 @@ def describe_plan(cfg: RunConfig) -> str:
     lines += [f"  {bs.describe()}" for bs in bundle_plan(cfg)]
     lines.append("domains → teacher (verifier):")
     for d, c in cfg.domains.items():
-        lines.append(f"  {d:<10} → {c.teacher:<18} ({c.verifier.type}) {cfg.teachers[c.teacher].path}")
+        names = teacher_names(c.teacher)
+        how = f", {combination_of(c.combine).summary}" if len(names) > 1 else ""
+        lines.append(f"  {d:<10} → {'+'.join(names):<18} ({c.verifier.type}{how}) "
+                     f"{', '.join(cfg.teachers[t].path for t in names)}")
+    if ref := reference_of(cfg):
+        lines.append(f"  {'(π_ref)':<10} → {ref:<18} (extrapolated: scores every domain) {cfg.teachers[ref].path}")
     lines.append(f"student: {cfg.student.path}")
     total_w = sum(src.weight for src in cfg.data.train)
     lines.append(f"data (prompts ≤ {cfg.max_prompt_tokens} tokens, chat template "
@@ -92,6 +99,7 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, actors: Actors) -> None:
         self.cfg, self.a = cfg, actors
         self.router = TeacherRouter(cfg.teacher_of_domain, actors.teachers)
+        self.scoring = {d: scoring_rule(cfg, d) for d in cfg.domains}  # None: one teacher scores alone
         self.timeout = cfg.run.call_timeout_s
         self.version = 0
         self.faults = 0
@@ -145,19 +153,21 @@ class Pipeline:
     def produce_on(self, i: int, prompts: list[Prompt]) -> list:
         """Launch sampler i → verifier → teacher[domain] chains for ``prompts``, one generate call
         per domain so each chain's rollouts go to one teacher; returns the teachers' scored refs
-        (for ``buffer.add_chain``) without waiting."""
+        (for ``buffer.add_chain``) without waiting. A domain with several scorers (SPEC §5 teachers, the
+        §6 extrapolation reference) sends the verified ref to each; the buffer combines their answers."""
         by_dom: dict[str, list[Prompt]] = defaultdict(list)
         for p in prompts:
             by_dom[p.domain].append(p)
         refs = []
         for dom, ps in sorted(by_dom.items()):
-            teacher = self.router.pick(dom)
-            if self.cfg.teachers[self.cfg.domains[dom].teacher].type == "cache":  # SPEC §5 offline cache
+            teacher, rule = self.router.pick(dom), self.scoring[dom]
+            if self.cfg.teachers[self.cfg.teacher_of_domain[dom]].type == "cache":  # SPEC §5 offline cache
                 rollouts = self.a.samplers[i].prefill.remote(teacher.responses.remote(ps))
             else:
                 rollouts = self.a.samplers[i].generate.remote(ps)
             verified = self.a.verifier.verify.remote(rollouts)
-            refs.append(teacher.score.remote(verified))
+            refs.append(teacher.score.remote(verified) if rule is None else
+                        ScorerRefs(rule, [self.router.pick_teacher(t).score.remote(verified) for t in rule.scorers]))
         return refs
 
     def send_weights(self, version: int) -> list:

@@ -158,7 +158,7 @@ def spawn_actors(cfg: RunConfig, train_sources: Sequence[PromptSource] | list[Pr
             weight_backend=cfg.weight_sync.backend)
         for i in range(s.num_samplers)
     ]
-    top_k = cfg.learner.objective.top_k if cfg.needs_topk else 0
+    top_k = cfg.teacher_top_k
     teachers = {
         name: [_remote(CachedTeacher, t.num_cpus, max_restarts=2, **_in(pg[f"teacher-{name}-0"], 0)).remote(
             name, t, group_size=s.n, top_k=top_k, max_new_tokens=s.max_new_tokens, max_model_len=s.max_model_len)]

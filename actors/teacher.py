@@ -357,3 +357,7 @@ class TeacherRouter:
 
     def pick(self, domain: str):
         return next(self._cycle[self.teacher_of_domain[domain]])
+
+    def pick_teacher(self, name: str):
+        """A replica of teacher ``name`` (a domain's second teacher, the extrapolation reference)."""
+        return next(self._cycle[name])

@@ -8,7 +8,8 @@ event loop: no locks; a call that waits never blocks another):
 - ``admit_wait``: prompts as soon as admission control (SPEC §2) allows; a rollout loop
   parks here while the learner is η versions behind;
 - ``add_chain``: awaits one rollout chunk's sampler → verifier → teacher chain and adds the
-  scored groups. The refs arrive inside a list, so Ray does not resolve them before the
+  scored groups (a domain with several scorers: every scorer's answer, combined into one score
+  per response by buffers/scoring.py, SPEC §5 / §6 ``extrapolated``). The refs arrive inside a list, so Ray does not resolve them before the
   call starts and a slow chain holds back no other buffer call; a chain whose actor died is
   requeued here (only the prompts whose group did not complete) and reported to the driver;
 - ``next_batch``: B released groups, lag-checked, balanced and calibrated, returned as two
@@ -21,8 +22,9 @@ import asyncio
 
 import ray
 
-from buffers.records import Prompt, TrainBatch
+from buffers.records import Prompt, ScoredRollout, TrainBatch
 from buffers.replay import ReplayBuffer
+from buffers.scoring import ScorerRefs, combine
 from learner.errors import PartialWeightsError
 
 
@@ -73,7 +75,8 @@ class BufferActor(ReplayBuffer):
         return []
 
     async def add_chain(self, uids: list[int], scored_refs: list) -> str | None:
-        """Add the scored groups of one chunk (one ref per domain) as each chain finishes.
+        """Add the scored groups of one chunk (one ref per domain, or a ``ScorerRefs`` for a domain with
+        several scorers) as each chain finishes.
 
         Returns None, or what failed when a sampler, verifier or teacher of the chain died or a
         sampler's last weight update failed part-way (``PartialWeightsError``): the chunk's prompts
@@ -82,7 +85,7 @@ class BufferActor(ReplayBuffer):
         failures) propagates and stops the run."""
         try:
             for ref in scored_refs:
-                self.add(await ref)
+                self.add(await self._scored(ref))
                 self._notify()
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             if not _recoverable(e):
@@ -91,6 +94,16 @@ class BufferActor(ReplayBuffer):
             self._notify()
             return f"{type(e).__name__}: {str(e).splitlines()[0]}"
         return None
+
+    async def _scored(self, ref) -> list[ScoredRollout]:
+        """One chain's scored rollouts: a teacher's answer, or every scorer's, each counted in its own
+        failure window (a teacher that keeps failing still stops the run), then combined."""
+        if not isinstance(ref, ScorerRefs):
+            return await ref
+        answers = [await r for r in ref.refs]
+        for scored in answers:
+            self._count_teacher_failures(scored)
+        return combine(ref.rule, answers)
 
     @ray.method(num_returns=2)
     async def next_batch(self) -> tuple[TrainBatch, dict[str, float]]:

@@ -115,11 +115,33 @@ class TeacherScore:
 
 
 @dataclass(frozen=True)
+class CliffStats:
+    """One response's extrapolation-cliff diagnostic (SPEC §6 ``extrapolated``; buffers/scoring.py):
+    token counts and sums, so a batch's figures are exact token means."""
+
+    tokens: int
+    measured: int  # positions where π_ref of the teacher's modal token is known
+    past: int  # positions with λ ≥ λ*_t (past the cliff)
+    modal_prob_sum: float  # Σ_t of the teacher's modal probability
+    distance: float  # min_t (λ*_t − λ) over measured positions (inf: no cliff anywhere)
+
+
+@dataclass(frozen=True)
+class TeacherMix:
+    """How a ``ScoredRollout``'s one score was combined from several scorers (buffers/scoring.py)."""
+
+    teachers: tuple[str, ...]
+    weights: tuple[float, ...]  # w_k of each teacher (0 for one that failed); the reference not included
+    cliff: CliffStats | None = None
+
+
+@dataclass(frozen=True)
 class ScoredRollout:
     verified: VerifiedRollout
     teacher: TeacherScore | None
     teacher_name: str
     status: TeacherStatus = "ok"
+    mix: TeacherMix | None = None  # set when several scorers were combined (SPEC §5 / §6 extrapolated)
 
     @property
     def rollout(self) -> Rollout:

@@ -218,7 +218,35 @@ class JSDTopK(TopKObjective):
         return super().summary.replace("×jsd", f"×jsd(β={self.beta:g})")
 
 
-ObjectiveConfig = Annotated[ReverseKLPG | ReverseKLTopK | ForwardKLTopK | JSDTopK,
+class ExtrapolatedPG(Section):
+    """SPEC §6 ``extrapolated`` (G-OPD / ExOPD, "Learning beyond Teacher: Generalized On-Policy Distillation
+    with Reward Extrapolation"): the SPEC §1 policy gradient on
+
+        A_t = λ(log π_T − log π_ref) − (log π_S,old − log π_ref) = [λ log π_T + (1−λ) log π_ref] − log π_S,old
+
+    with π_ref a fixed reference (the initial student). The bracket is one teacher log-prob per token, so
+    buffers/scoring.py combines the domain teacher's and the reference teacher's scores with the fixed
+    weights (λ, 1−λ) before the buffer, and the learner runs the plain SPEC §1 term on it."""
+
+    type: Literal["extrapolated"] = "extrapolated"
+    lam: float = Field(1.25, gt=0, allow_inf_nan=False, description="λ: 1 is plain OPD, > 1 extrapolates past the "
+                       "teacher (G-OPD: 1.25); too large a λ collapses the output format (the extrapolation cliff).")
+    reference: str | None = Field(
+        None, description="The teacher (a key of `teachers`) that serves π_ref, e.g. `teachers.reference: {path: "
+        "<student.path>}`; it scores every response and serves no domain. null: the one teacher whose path is "
+        "`student.path` (and that does not follow the student).")
+    cliff_clip: float | None = Field(
+        0.2, gt=0, lt=1, description="c of the extrapolation-cliff diagnostic (`extrapolation/<d>/*` metrics, "
+        "buffers/scoring.py:lambda_star), the clip strength (SPEC §1 ε_low = 0.2). The diagnostic needs the "
+        "teachers' top-1 log-prob at each position; null turns it off and the teachers return no top-k.")
+    pg: PolicyGradientTerm = Field(PolicyGradientTerm(), description="The SPEC §1 term's settings.")
+
+    @property
+    def summary(self) -> str:
+        return f"{self.pg.weight:g}×extrapolated(λ={self.lam:g}, reference {self.reference or 'at student.path'})"
+
+
+ObjectiveConfig = Annotated[ReverseKLPG | ReverseKLTopK | ForwardKLTopK | JSDTopK | ExtrapolatedPG,
                             Field(discriminator="type"), _tagged("reverse_kl_pg", {
                                 "dist_kind": "type", "dist_weight": "weight (of a top-k `type`)", "jsd_beta": "beta "
                                 "(`type: jsd`)", "dist_on_masked": "on_masked", "pg_weight": "pg.weight", "eps_low":

@@ -20,9 +20,11 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 # The pluggable parts of the algorithm (configs/algorithm.py), re-exported: one import path for every config type.
 from configs.algorithm import (  # noqa: F401
-    _tagged, CalibrationConfig, ConstantLR, CosineLR, ForwardKLTopK, IcePop, ImportanceConfig, JSDTopK, LinearLR, LRSchedule,
-    MarginMask, MarginShift, NoCalibration, NoImportance, ObjectiveConfig, PolicyGradientTerm, ReverseKLPG,
-    ReverseKLTopK, Section, Statistic, TopKObjective, TruncatedIS, moved_keys)
+    _tagged, CalibrationConfig, ConstantLR, CosineLR, ExtrapolatedPG, ForwardKLTopK, IcePop, ImportanceConfig, JSDTopK,
+    LinearLR, LRSchedule, MarginMask, MarginShift, NoCalibration, NoImportance, ObjectiveConfig, PolicyGradientTerm,
+    ReverseKLPG, ReverseKLTopK, Section, Statistic, TopKObjective, TruncatedIS, moved_keys)
+from configs.scoring import (ConfidenceWeights, EqualWeights, TeacherCombination, check_scoring,  # noqa: F401
+                             combination_of, reference_of, teacher_names)
 from configs.teachers import CacheTeacher
 
 DEFAULT_CONFIG = Path(__file__).with_name("demo.yaml")
@@ -162,7 +164,11 @@ VerifierConfig = Annotated[MathVerifier | ExactVerifier | CodeVerifier, Field(di
 
 
 class DomainConfig(Section):
-    teacher: str = Field(description="Name of the teacher (a key of `teachers`) that scores this domain.")
+    teacher: str | list[str] = Field(description="Name of the teacher (a key of `teachers`) that scores this "
+                                     "domain, or a list of several whose scores are combined per response (SPEC §5; "
+                                     "the first one is the domain's held-out accuracy bar).")
+    combine: TeacherCombination | None = Field(None, description="With several teachers: their weights per response "
+                                               "(configs/scoring.py): `confidence` (null: this, τ = 1) or `equal`.")
     verifier: VerifierConfig = Field(description="How a response of this domain is graded.")
 
 
@@ -360,11 +366,13 @@ class RunConfig(Section):
         if not self.domains:
             raise ValueError("`domains` is empty; name at least one domain with its teacher and verifier")
         for name, dom in self.domains.items():
-            if dom.teacher not in self.teachers:
-                raise ValueError(
-                    f"`domains.{name}.teacher` is {dom.teacher!r}, which is not a key of `teachers` "
-                    f"(known: {sorted(self.teachers)}); add it under `teachers` or fix the name"
-                )
+            for t in teacher_names(dom.teacher):
+                if t not in self.teachers:
+                    raise ValueError(
+                        f"`domains.{name}.teacher` is {dom.teacher!r}: {t!r} is not a key of `teachers` "
+                        f"(known: {sorted(self.teachers)}); add it under `teachers` or fix the name"
+                    )
+        check_scoring(self)
         recipe_domains = DEMO_RECIPE_DOMAINS[self.demo.recipe]
         if self.demo.prepare and set(self.domains) != set(recipe_domains):
             raise ValueError(
@@ -373,7 +381,8 @@ class RunConfig(Section):
                 f"({', '.join(f'{k}: {list(v)}' for k, v in DEMO_RECIPE_DOMAINS.items())}) "
                 f"or set `demo.prepare=false`"
             )
-        unused = sorted(set(self.teachers) - {d.teacher for d in self.domains.values()})
+        unused = sorted(set(self.teachers) - {t for d in self.domains.values() for t in teacher_names(d.teacher)}
+                        - {reference_of(self)})
         if unused:
             raise ValueError(f"`teachers` {unused} serve no domain; remove them or route a domain to them")
         if self.sampler.max_new_tokens >= self.sampler.max_model_len:
@@ -422,7 +431,8 @@ class RunConfig(Section):
 
     @property
     def teacher_of_domain(self) -> dict[str, str]:
-        return {d: c.teacher for d, c in self.domains.items()}
+        """Each domain's (first) teacher: the one it routes to alone and its held-out accuracy bar."""
+        return {d: teacher_names(c.teacher)[0] for d, c in self.domains.items()}
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -432,6 +442,14 @@ class RunConfig(Section):
     def needs_topk(self) -> bool:
         """The objective has a SPEC §6 distribution term: teachers return top-k log-probs."""
         return isinstance(self.learner.objective, TopKObjective)
+
+    @property
+    def teacher_top_k(self) -> int:
+        """Top-k log-probs per position every teacher returns: the objective's k (SPEC §6), 1 for the
+        extrapolation-cliff diagnostic (the teacher's modal token, buffers/scoring.py), else 0."""
+        o = self.learner.objective
+        return o.top_k if isinstance(o, TopKObjective) else int(isinstance(o, ExtrapolatedPG) and
+                                                                o.cliff_clip is not None)
 
 
 # ----------------------------------------------------------------------------------------

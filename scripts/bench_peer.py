@@ -276,7 +276,7 @@ def peer_worker(args, overrides: list[str], out_path: Path, stamp: str) -> None:
     targs = DistillationConfig(
         output_dir=str(REPO / "runs/bench_peer" / f"{stamp}-trl"), max_steps=100_000, seed=cfg.run.seed,
         max_completion_length=max_new, temperature=cfg.sampler.temperature,
-        teacher_model_name_or_path=cfg.teachers[cfg.domains[DOMAIN].teacher].path,
+        teacher_model_name_or_path=cfg.teachers[cfg.teacher_of_domain[DOMAIN]].path,
         teacher_model_init_kwargs={"dtype": "float32"}, model_init_kwargs={"dtype": "float32"},
         fp16=False, use_cpu=True, use_vllm=False,
         report_to="none", save_strategy="no", logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0,
