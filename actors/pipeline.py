@@ -153,7 +153,11 @@ class Pipeline:
         for dom, ps in sorted(by_dom.items()):
             rollouts = self.a.samplers[i].generate.remote(ps)
             verified = self.a.verifier.verify.remote(rollouts)
-            refs.append(self.router.pick(dom).score.remote(verified))
+            scored = self.router.pick(dom).score.remote(verified)
+            routing = self.cfg.domains[dom].routing
+            if routing.type == "dopd":  # the privileged student re-scores and routes each token (actors/dopd.py)
+                scored = self.router.pick_teacher(routing.student).route.remote(scored, routing)
+            refs.append(scored)
         return refs
 
     def send_weights(self, version: int) -> list:

@@ -280,6 +280,7 @@ class ReplayBuffer:
                     correct=c,
                     prompt_id=r.prompt.id,
                     excluded=e,
+                    teacher_weights_T=None if t is None else t.weights_T,
                 )
             )
         for g in kept_groups:

@@ -23,6 +23,8 @@ from configs.algorithm import (  # noqa: F401
     CalibrationConfig, ConstantLR, CosineLR, ForwardKLTopK, IcePop, ImportanceConfig, JSDTopK, LinearLR, LRSchedule,
     MarginMask, MarginShift, NoCalibration, NoImportance, ObjectiveConfig, PolicyGradientTerm, ReverseKLPG,
     ReverseKLTopK, Section, Statistic, TopKObjective, TruncatedIS, moved_keys)
+from configs.privileged import (  # noqa: F401
+    DOPDRouting, NoRouting, PrivilegedPrompt, RegimeRule, RoutingConfig, check_privileged)
 
 DEFAULT_CONFIG = Path(__file__).with_name("demo.yaml")
 
@@ -83,6 +85,9 @@ class DataSource(Section):
         "stably from the row's prompt and answer.")
     tests_key: str = Field("tests", description="Column with the tests (code verifier; HumanEval: `test`).")
     entry_point_key: str = Field("entry_point", description="Column with the function under test (code verifier).")
+    context_key: str | None = Field(None, description="Column with privileged context (a reference answer, a worked "
+                                    "solution) that teachers with `privileged` read through their template; needed "
+                                    "by training rows of a domain such a teacher scores.")
     domain: str | None = Field(None, description="The domain of every row of this source (or use `domain_key`).")
     domain_key: str | None = Field(None, description="Column naming each row's domain (or use `domain`).")
     weight: float = Field(1.0, gt=0, description="Mixing weight: a training prompt comes from this source with "
@@ -163,6 +168,9 @@ VerifierConfig = Annotated[MathVerifier | ExactVerifier | CodeVerifier, Field(di
 class DomainConfig(Section):
     teacher: str = Field(description="Name of the teacher (a key of `teachers`) that scores this domain.")
     verifier: VerifierConfig = Field(description="How a response of this domain is graded.")
+    routing: RoutingConfig = Field(NoRouting(), description="Per-token source of the advantage: `none` (the "
+                                   "teacher, SPEC §1) or `dopd` (routed between the teacher and a privileged "
+                                   "student by their gap, actors/dopd.py).")
 
 
 class TeacherConfig(Section):
@@ -184,6 +192,9 @@ class TeacherConfig(Section):
     follow_student: bool = Field(False, description="Self-distillation: this teacher is the student itself "
                                  "(`path` = `student.path`) and takes every weight update of the learner, as the "
                                  "samplers do (through vLLM's weight-transfer API).")
+    privileged: PrivilegedPrompt | None = Field(None, description="Prompt this teacher with privileged context "
+                                                "(a dataset column) through a template; with follow_student: "
+                                                "self-distillation (docs/algorithm.md §5).")
 
 
 class ModelConfig(Section):
@@ -367,7 +378,9 @@ class RunConfig(Section):
                 f"({', '.join(f'{k}: {list(v)}' for k, v in DEMO_RECIPE_DOMAINS.items())}) "
                 f"or set `demo.prepare=false`"
             )
-        unused = sorted(set(self.teachers) - {d.teacher for d in self.domains.values()})
+        check_privileged(self)  # DOPD students named before "serves no domain" is judged
+        unused = sorted(set(self.teachers) - {d.teacher for d in self.domains.values()}
+                        - {getattr(d.routing, "student", None) for d in self.domains.values()})
         if unused:
             raise ValueError(f"`teachers` {unused} serve no domain; remove them or route a domain to them")
         if self.sampler.max_new_tokens >= self.sampler.max_model_len:
