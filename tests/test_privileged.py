@@ -87,6 +87,17 @@ def test_rows_of_other_domains_get_no_privileged_prompt(tmp_path, tok):
     assert loaded.prompt(0).teacher_prompt_ids == ()
 
 
+def test_a_file_without_rows_of_the_privileged_domain_concatenates_with_one_that_has_them(tmp_path, tok):
+    (tmp_path / "src").mkdir()
+    _jsonl(tmp_path / "src" / "a.jsonl", [{"q": "r1", "a": "x", "d": "reverse"}])  # no context needed here
+    _jsonl(tmp_path / "src" / "b.jsonl", [{"q": "1+1?", "a": "2", "d": "math", "solution": "2"}])
+    src = DataSource(path=str(tmp_path / "src"), domain_key="d", prompt_key="q", answer_key="a", id_key=None,
+                     context_key="solution")
+    loaded = load_source(src, CHAT, tok, VER, max_prompt_tokens=10_000, privileged=(_spec(),))
+    by_domain = {loaded.prompt(i).domain: loaded.prompt(i) for i in range(len(loaded))}
+    assert by_domain["reverse"].teacher_prompt_ids == () and by_domain["math"].prompt_ids_for("self")
+
+
 def test_missing_context_is_an_error_naming_source_file_row_and_column(tmp_path, tok):
     rows = [{"q": "1+1?", "a": "2", "solution": "ok"}, {"q": "2+2?", "a": "4", "solution": ""}]
     with pytest.raises(DatasetError) as e:
