@@ -64,7 +64,10 @@ def describe_plan(cfg: RunConfig) -> str:
     lines += [f"  {bs.describe()}" for bs in bundle_plan(cfg)]
     lines.append("domains → teacher (verifier):")
     for d, c in cfg.domains.items():
-        lines.append(f"  {d:<10} → {c.teacher:<18} ({c.verifier.type}) {cfg.teachers[c.teacher].path}")
+        extra = (" [privileged]" if cfg.teachers[c.teacher].privileged else "") + \
+            (f" [dopd with privileged student {c.routing.student}, τ={c.routing.gap_threshold:g}]"
+             if c.routing.type == "dopd" else "")
+        lines.append(f"  {d:<10} → {c.teacher:<18} ({c.verifier.type}) {cfg.teachers[c.teacher].path}{extra}")
     lines.append(f"student: {cfg.student.path}")
     total_w = sum(src.weight for src in cfg.data.train)
     lines.append(f"data (prompts ≤ {cfg.max_prompt_tokens} tokens, chat template "

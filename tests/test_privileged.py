@@ -199,6 +199,16 @@ def test_dopd_routing_loads_and_its_student_counts_as_a_used_teacher():
     assert cfg.domains["reverse"].routing.type == "none"
 
 
+def test_plan_names_privileged_teachers_and_dopd_routing():
+    from actors.pipeline import describe_plan
+
+    o = _dopd()
+    o["teachers"] = o["teachers"].replace("math_teacher: {path: /m/t}",
+                                          "math_teacher: {path: /m/t, privileged: {template: '{prompt} {context}'}}")
+    plan = describe_plan(_cfg(**o))
+    assert "/m/t [privileged] [dopd with privileged student self, τ=1]" in plan
+
+
 def test_dopd_student_must_follow_the_student_with_a_privileged_template():
     o = _dopd()
     o["teachers"] = "{math_teacher: {path: /m/t}, reverse_teacher: {path: /m/r}, self: {path: /m/student}}"
