@@ -72,7 +72,7 @@ def test_self_teacher_and_dopd_train_three_steps(pipeline):
     assert all(s.teacher_weights_T is None for s in math)
     # DOPD: every reversal token carries one of the default regimes' weights
     weights = np.concatenate([s.teacher_weights_T for s in reverse])
-    assert set(np.round(weights, 4).tolist()) <= {1.0, 0.5, 0.1}
+    assert np.abs(weights[:, None] - np.array([1.0, 0.5, 0.1], np.float32)).min(axis=1).max() < 1e-6
     assert pipeline.version == 3
     assert ray.get([h.get_version.remote() for h in pipeline.a.teachers["self"]]) == [3]
 
