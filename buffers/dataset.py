@@ -18,6 +18,12 @@ Bad input: a malformed row is an error naming the source, the file, the row and 
 ``max_prompt_tokens`` (student tokens) fails the load or is skipped and counted
 (``overlong_prompts``). Ids missing from the data are derived from the row's prompt and answer
 (the same row gets the same id on every load; a repeated prompt gets ``-2``, ``-3``, ...).
+
+Privileged teachers (``teachers.<name>.privileged``, docs/algorithm.md §5): a training row of a
+domain such a teacher scores also gets that teacher's prompt ids (column ``privileged_ids:<name>``,
+``buffers/formatting.py:encode_privileged``) built from the source's ``context_key`` column; a row
+without it is a bad row naming the column. The privileged prompt must leave ``sampler.max_new_tokens``
+of the teacher's max_model_len; the teacher's ``privileged.overlong`` says what happens otherwise.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from buffers.formatting import PromptFormat, PromptFormatError, encode, user_text
+from buffers.formatting import PromptFormat, PromptFormatError, encode, encode_privileged, user_text
 from buffers.records import Prompt
 from configs.schema import DataSource, RunConfig
 
@@ -47,6 +53,14 @@ CANONICAL = ("id", "domain", "prompt", "prompt_ids", "answer", "tests", "entry_p
 
 class DatasetError(ValueError):
     pass
+
+
+class PrivilegedOverlongError(DatasetError):
+    """A privileged prompt too long for its teacher under ``overlong: fail`` (stops the load, whatever
+    ``data.on_bad_row`` says)."""
+
+
+PRIVILEGED_PREFIX = "privileged_ids:"
 
 
 def _suffix(path: Path) -> str:
@@ -118,6 +132,37 @@ def derived_id(prompt: Any, answer: Any) -> str:
 
 
 @dataclass(frozen=True)
+class PrivilegedSpec:
+    """One privileged teacher as a source's rows see it (picklable, hashable: part of the map's fingerprint)."""
+
+    teacher: str
+    template: str
+    domains: tuple[str, ...]  # the domains it scores: only their rows get its prompt
+    limit: int  # its max_model_len − sampler.max_new_tokens: the longest privileged prompt
+    overlong: str  # "fail" | "skip" | "truncate_context" (configs/privileged.py)
+
+    @property
+    def column(self) -> str:
+        return PRIVILEGED_PREFIX + self.teacher
+
+
+def privileged_prompt(prompt: Any, fmt: PromptFormat, ps: PrivilegedSpec, context: str, tokenizer) -> list[int] | None:
+    """The teacher's prompt ids, within ``ps.limit`` tokens; None when they do not fit and the policy is not
+    ``truncate_context`` or even an empty context does not fit. Truncation keeps the context's last tokens:
+    each pass drops at least the excess, so it ends within len(context tokens) passes (one or two in practice)."""
+    ids = encode_privileged(prompt, fmt, ps.template, context, tokenizer)
+    if len(ids) <= ps.limit or ps.overlong != "truncate_context":
+        return ids if len(ids) <= ps.limit else None
+    ctx_ids = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+    keep = len(ctx_ids)
+    while len(ids) > ps.limit and keep > 0:
+        keep = max(0, keep - (len(ids) - ps.limit))
+        ids = encode_privileged(prompt, fmt, ps.template, tokenizer.decode(ctx_ids[len(ctx_ids) - keep:]) if keep
+                                else "", tokenizer)
+    return ids if len(ids) <= ps.limit else None
+
+
+@dataclass(frozen=True)
 class _RowSpec:
     """What the batched map needs (picklable: ``datasets`` fingerprints it to cache the result)."""
 
@@ -126,16 +171,19 @@ class _RowSpec:
     verifier_of_domain: dict[str, str]
     max_prompt_tokens: int
     has_id: bool
+    privileged: tuple[PrivilegedSpec, ...] = ()
 
 
 def _convert_batch(batch: dict[str, list], indices: list[int], *, spec: _RowSpec, tokenizer, where: str) -> dict:
-    src, out = spec.src, {k: [] for k in (*CANONICAL, "_error", "_overlong")}
+    priv_cols = [ps.column for ps in spec.privileged]
+    src, out = spec.src, {k: [] for k in (*CANONICAL, *priv_cols, "_error", "_overlong", "_priv_overlong")}
     n = len(indices)
     for j in range(n):
         row = {k: v[j] for k, v in batch.items()}
-        err, overlong = None, False
-        rec = dict.fromkeys(CANONICAL)
+        err, overlong, priv_overlong = None, False, False
+        rec = dict.fromkeys((*CANONICAL, *priv_cols))
         rec["prompt_ids"] = []
+        rec.update({c: [] for c in priv_cols})
         try:
             prompt = row.get(src.prompt_key)
             if prompt in (None, "", []):
@@ -168,12 +216,33 @@ def _convert_batch(batch: dict[str, list], indices: list[int], *, spec: _RowSpec
             overlong = len(rec["prompt_ids"]) > spec.max_prompt_tokens
             rec.update(domain=domain, answer=_text(fields["answer"]), tests=_text(fields["tests"]),
                        entry_point=_text(fields["entry_point"]))
+            for ps in spec.privileged:
+                if domain not in ps.domains:
+                    continue
+                context = _text(row.get(src.context_key)) if src.context_key else None
+                if context in (None, ""):
+                    raise DatasetError(f"field `{src.context_key}` (context_key) is missing or empty; domain "
+                                       f"{domain!r} is scored by privileged teacher {ps.teacher!r}, which needs it")
+                ids = privileged_prompt(prompt, spec.fmt, ps, context, tokenizer)
+                if ids is None and ps.overlong != "skip":
+                    n = len(encode_privileged(prompt, spec.fmt, ps.template, context, tokenizer))
+                    raise PrivilegedOverlongError(
+                        f"the privileged prompt of teacher {ps.teacher!r} is {n} tokens "
+                        f"{'(the template alone overflows) ' if ps.overlong == 'truncate_context' else ''}but "
+                        f"{ps.limit} fit (its max_model_len − sampler.max_new_tokens); raise "
+                        f"teachers.{ps.teacher}.max_model_len, shorten the template, or set "
+                        f"teachers.{ps.teacher}.privileged.overlong to truncate_context or skip")
+                priv_overlong |= ids is None
+                rec[ps.column] = ids or []
+        except PrivilegedOverlongError as e:
+            raise PrivilegedOverlongError(f"source {src.label!r}, {where} row {indices[j]}: {e}") from None
         except DatasetError as e:
             err = f"source {src.label!r}, {where} row {indices[j]}: {e}"
-        for k in CANONICAL:
+        for k in (*CANONICAL, *priv_cols):
             out[k].append(rec[k])
         out["_error"].append(err)
         out["_overlong"].append(overlong)
+        out["_priv_overlong"].append(priv_overlong)
     return out
 
 
@@ -203,18 +272,18 @@ class LoadedSource:
 
 def load_source(src: DataSource, fmt: PromptFormat, tokenizer, verifier_of_domain: dict[str, str], *,
                 on_bad_row: str = "fail", max_prompt_tokens: int, overlong_prompts: str = "skip",
-                num_proc: int = 1) -> LoadedSource:
+                num_proc: int = 1, privileged: tuple[PrivilegedSpec, ...] = ()) -> LoadedSource:
     """Read, validate, render and tokenize one source; raise ``DatasetError`` naming source, file, row, field."""
     import datasets
 
     files = source_files(src)
     has_id = src.id_key is not None
-    spec = _RowSpec(src, fmt, dict(verifier_of_domain), max_prompt_tokens, has_id)
+    spec = _RowSpec(src, fmt, dict(verifier_of_domain), max_prompt_tokens, has_id, privileged)
     parts, skipped, overlong = [], 0, 0
     for where, raw in _read_files(src, files):
         if has_id and src.id_key not in raw.column_names:
             has_id = False  # "derived stably from the row when absent"
-            spec = _RowSpec(src, fmt, dict(verifier_of_domain), max_prompt_tokens, False)
+            spec = _RowSpec(src, fmt, dict(verifier_of_domain), max_prompt_tokens, False, privileged)
             log.info("source %r: no `%s` column in %s; ids are derived from prompt and answer", src.label,
                      src.id_key, where)
         conv = raw.map(_convert_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
@@ -243,7 +312,13 @@ def load_source(src: DataSource, fmt: PromptFormat, tokenizer, verifier_of_domai
                         max_prompt_tokens)
             overlong += n_long
             conv = conv.filter(lambda o: [not x for x in o], input_columns="_overlong", batched=True)
-        parts.append(conv.remove_columns(["_error", "_overlong"]))
+        n_priv = pc.sum(_column(conv, "_priv_overlong")).as_py() or 0
+        if n_priv:  # privileged.overlong: skip (fail raised in the map)
+            log.warning("source %r, %s: %d rows skipped: their privileged prompt does not fit the teacher",
+                        src.label, where, n_priv)
+            overlong += n_priv
+            conv = conv.filter(lambda o: [not x for x in o], input_columns="_priv_overlong", batched=True)
+        parts.append(conv.remove_columns(["_error", "_overlong", "_priv_overlong"]))
     table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(table) == 0:
         raise DatasetError(f"source {src.label!r} ({src.path}): no valid rows ({skipped} bad, {overlong} overlong)")
@@ -279,8 +354,11 @@ def _unique_ids(table, src: DataSource, has_id: bool):
 
 def row_prompt(row: dict, source: str) -> Prompt:
     """A canonical row as the record samplers, teachers and verifiers use."""
+    priv = tuple((k[len(PRIVILEGED_PREFIX):], tuple(v)) for k, v in row.items()
+                 if k.startswith(PRIVILEGED_PREFIX) and v)
     return Prompt(id=row["id"], domain=row["domain"], prompt=row["prompt"], answer=row["answer"], tests=row["tests"],
-                  entry_point=row["entry_point"], prompt_ids=tuple(row["prompt_ids"]), source=source)
+                  entry_point=row["entry_point"], prompt_ids=tuple(row["prompt_ids"]), source=source,
+                  teacher_prompt_ids=priv)
 
 
 def source_ids_unique_across(sources: list[LoadedSource]) -> None:
@@ -301,12 +379,27 @@ def prompt_format(cfg: RunConfig, src: DataSource, chat_template: bool) -> Promp
                         system_prompt=src.system_prompt, prompt_template=src.prompt_template)
 
 
+def privileged_specs(cfg: RunConfig) -> tuple[PrivilegedSpec, ...]:
+    """The privileged teachers of the run, each with the domains it scores and its prompt budget."""
+    from configs.privileged import privileged_domains
+
+    out = []
+    for name, doms in sorted(privileged_domains(cfg).items()):
+        t = cfg.teachers[name]
+        limit = (t.max_model_len or cfg.sampler.max_model_len) - cfg.sampler.max_new_tokens
+        out.append(PrivilegedSpec(name, t.privileged.template, tuple(sorted(doms)), limit, t.privileged.overlong))
+    return tuple(out)
+
+
 def load_sources(cfg: RunConfig, split: str, tokenizer, chat_template: bool) -> list[LoadedSource]:
-    """Every source of ``data.train`` or ``data.heldout`` (``split``), loaded and checked."""
+    """Every source of ``data.train`` or ``data.heldout`` (``split``), loaded and checked; training rows
+    also get the privileged teachers' prompts (held-out prompts are the student's alone)."""
     verifier_of_domain = {d: c.verifier.type for d, c in cfg.domains.items()}
+    privileged = privileged_specs(cfg) if split == "train" else ()
     out = [load_source(src, prompt_format(cfg, src, chat_template), tokenizer, verifier_of_domain,
                        on_bad_row=cfg.data.on_bad_row, max_prompt_tokens=cfg.max_prompt_tokens,
-                       overlong_prompts=cfg.data.overlong_prompts, num_proc=cfg.data.num_proc)
+                       overlong_prompts=cfg.data.overlong_prompts, num_proc=cfg.data.num_proc,
+                       privileged=privileged)
            for src in getattr(cfg.data, split) or []]
     source_ids_unique_across(out)
     return out

@@ -10,11 +10,15 @@ applied to the last user message. With ``chat_template: false`` (base models) th
 is the prompt string itself, after the template.
 
 Samplers, teachers and evaluation all consume the ids produced here (``Prompt.prompt_ids``),
-so the teacher scores exactly the tokens the student was conditioned on (SPEC §1).
+so the teacher scores exactly the tokens the student was conditioned on (SPEC §1). A
+privileged teacher (``teachers.<name>.privileged``) gets its own ids from ``encode_privileged``:
+the student's messages with the last user turn put through the teacher's template, where
+``{prompt}`` is that turn as the student sees it and ``{context}`` the row's privileged column.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +103,32 @@ def encode(prompt: Any, fmt: PromptFormat, tokenizer) -> list[int]:
     (BOS, ``<|im_start|>``), so nothing is added again; raw text gets the tokenizer's own
     special tokens (a base model's BOS), as ``tokenizer(text)`` would."""
     text = render_text(prompt, fmt, tokenizer)
+    return list(tokenizer(text, add_special_tokens=not fmt.chat_template)["input_ids"])
+
+
+def fill_privileged(template: str, prompt_text: str, context: str) -> str:
+    """``template`` with ``{prompt}`` and ``{context}`` replaced in one pass, so a brace pair inside the
+    prompt or the context (LaTeX, code) is never read as a placeholder."""
+    return re.sub(r"\{(prompt|context)\}", lambda m: prompt_text if m.group(1) == "prompt" else context, template)
+
+
+def encode_privileged(prompt: Any, fmt: PromptFormat, template: str, context: str, tokenizer) -> list[int]:
+    """Token ids of a privileged teacher's prompt: the student's rendering (system prompt, source
+    template, chat template) with its last user turn ``t`` replaced by ``template`` filled with
+    ``{prompt}`` = t and ``{context}`` = ``context``."""
+    if fmt.chat_template:
+        msgs = render_messages(prompt, fmt)
+        last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=len(msgs) - 1)
+        msgs = [dict(m) for m in msgs]
+        msgs[last_user]["content"] = fill_privileged(template, msgs[last_user]["content"], context)
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                             **dict(fmt.chat_template_kwargs))
+    else:
+        if as_messages(prompt) is not None:
+            raise PromptFormatError("the prompt is a list of chat messages but `data.chat_template` is false; "
+                                    "enable the chat template or give plain-string prompts")
+        text = fill_privileged(template, _apply_template(prompt, fmt.prompt_template), context)
+        text = text if fmt.system_prompt is None else f"{fmt.system_prompt}\n{text}"
     return list(tokenizer(text, add_special_tokens=not fmt.chat_template)["input_ids"])
 
 

@@ -43,6 +43,13 @@ class Prompt:
     epoch: int = 0  # the source pass it belongs to (kept when it is requeued)
     prompt_ids: tuple[int, ...] = ()
     source: str = ""
+    # (teacher name, its prompt ids) for each privileged teacher that scores this prompt: the
+    # student's prompt with privileged context (docs/algorithm.md §5, buffers/formatting.py)
+    teacher_prompt_ids: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def prompt_ids_for(self, teacher: str) -> tuple[int, ...] | None:
+        """The privileged prompt ids of ``teacher``, or None when it has none for this prompt."""
+        return next((ids for name, ids in self.teacher_prompt_ids if name == teacher), None)
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,9 @@ class TeacherScore:
     logprobs_T: np.ndarray
     topk_ids_TK: np.ndarray | None = None
     topk_logprobs_TK: np.ndarray | None = None
+    # DOPD routing (actors/dopd.py): each token's advantage weight (None: 1 everywhere); logprobs_T then
+    # holds each token's routed source (the privileged teacher's or the privileged student's log-prob)
+    weights_T: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +166,8 @@ class ScoredRollout:
         for π_S,old: at lag 0 they agree to < 1e-6 in fp32; the learner recomputes A_t itself)."""
         if self.teacher is None or self.rollout.num_tokens == 0:
             return 0.0
-        return float(np.mean(self.teacher.logprobs_T - self.rollout.behaviour_logprobs_T))
+        adv_T = self.teacher.logprobs_T - self.rollout.behaviour_logprobs_T
+        return float(np.mean(adv_T if self.teacher.weights_T is None else adv_T * self.teacher.weights_T))
 
 
 @dataclass(frozen=True)
@@ -177,6 +188,7 @@ class TrainSample:
     prompt_id: str
     excluded: bool = False  # out of both loss terms (a truncated response under buffer.truncated=mask)
     behaviour_raw: bool = False  # behaviour log-probs are raw (a prefill of a cached response), not processed
+    teacher_weights_T: np.ndarray | None = None  # DOPD per-token advantage weights (None: 1), actors/dopd.py
 
 
 @dataclass

@@ -282,6 +282,7 @@ class ReplayBuffer:
                     prompt_id=r.prompt.id,
                     excluded=e,
                     behaviour_raw=r.behaviour == "prefill",
+                    teacher_weights_T=None if t is None else t.weights_T,
                 )
             )
         for g in kept_groups:

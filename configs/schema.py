@@ -26,6 +26,8 @@ from configs.algorithm import (  # noqa: F401
 from configs.scoring import (ConfidenceWeights, EqualWeights, TeacherCombination, check_scoring,  # noqa: F401
                              combination_of, reference_of, teacher_names)
 from configs.teachers import CacheTeacher
+from configs.privileged import (  # noqa: F401
+    DOPDRouting, NoRouting, PrivilegedPrompt, RegimeRule, RoutingConfig, check_privileged)
 
 DEFAULT_CONFIG = Path(__file__).with_name("demo.yaml")
 
@@ -86,6 +88,9 @@ class DataSource(Section):
         "stably from the row's prompt and answer.")
     tests_key: str = Field("tests", description="Column with the tests (code verifier; HumanEval: `test`).")
     entry_point_key: str = Field("entry_point", description="Column with the function under test (code verifier).")
+    context_key: str | None = Field(None, description="Column with privileged context (a reference answer, a worked "
+                                    "solution) that teachers with `privileged` read through their template; needed "
+                                    "by training rows of a domain such a teacher scores.")
     domain: str | None = Field(None, description="The domain of every row of this source (or use `domain_key`).")
     domain_key: str | None = Field(None, description="Column naming each row's domain (or use `domain`).")
     weight: float = Field(1.0, gt=0, description="Mixing weight: a training prompt comes from this source with "
@@ -170,6 +175,9 @@ class DomainConfig(Section):
     combine: TeacherCombination | None = Field(None, description="With several teachers: their weights per response "
                                                "(configs/scoring.py): `confidence` (null: this, τ = 1) or `equal`.")
     verifier: VerifierConfig = Field(description="How a response of this domain is graded.")
+    routing: RoutingConfig = Field(NoRouting(), description="Per-token source of the advantage: `none` (the "
+                                   "teacher, SPEC §1) or `dopd` (routed between the teacher and a privileged "
+                                   "student by their gap, actors/dopd.py).")
 
 
 class TeacherConfig(Section):
@@ -192,6 +200,9 @@ class TeacherConfig(Section):
     follow_student: bool = Field(False, description="Self-distillation: this teacher is the student itself "
                                  "(`path` = `student.path`) and takes every weight update of the learner, as the "
                                  "samplers do (through vLLM's weight-transfer API).")
+    privileged: PrivilegedPrompt | None = Field(None, description="Prompt this teacher with privileged context "
+                                                "(a dataset column) through a template; with follow_student: "
+                                                "self-distillation (docs/algorithm.md §5).")
 
 
 # `type: vllm` (default, live) or `type: cache` (SPEC §5 offline cache, configs/teachers.py)
@@ -381,8 +392,9 @@ class RunConfig(Section):
                 f"({', '.join(f'{k}: {list(v)}' for k, v in DEMO_RECIPE_DOMAINS.items())}) "
                 f"or set `demo.prepare=false`"
             )
+        check_privileged(self)  # DOPD students named before "serves no domain" is judged
         unused = sorted(set(self.teachers) - {t for d in self.domains.values() for t in teacher_names(d.teacher)}
-                        - {reference_of(self)})
+                        - {reference_of(self)} - {getattr(d.routing, "student", None) for d in self.domains.values()})
         if unused:
             raise ValueError(f"`teachers` {unused} serve no domain; remove them or route a domain to them")
         if self.sampler.max_new_tokens >= self.sampler.max_model_len:

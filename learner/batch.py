@@ -35,6 +35,7 @@ class LearnerBatch:
     topk_lp_BTK: torch.Tensor | None  # their teacher log-probs, SPEC §6
     has_topk_B: torch.Tensor  # 1.0 when the response has the teacher's top-k
     raw_behave_B: torch.Tensor | None = None  # 1.0: behave_BT is raw (a prefilled cached response, SPEC §5)
+    teacher_w_BT: torch.Tensor | None = None  # DOPD per-token advantage weights (None: 1), actors/dopd.py
 
     @property
     def top_k(self) -> int:
@@ -67,6 +68,7 @@ def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> LearnerBatch
     topk_ids = torch.zeros((B, T, top_k), dtype=torch.long) if top_k else None
     topk_lp = torch.zeros((B, T, top_k)) if top_k else None
     has_topk_B = torch.zeros(B)
+    teacher_w_BT = torch.ones((B, T)) if any(s.teacher_weights_T is not None for s in samples) else None
     for i, s in enumerate(samples):
         P, t = len(s.prompt_ids), len(s.response_ids)
         ids_BL[i, : P + t] = torch.tensor(s.prompt_ids + s.response_ids)
@@ -83,6 +85,8 @@ def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> LearnerBatch
         if s.teacher_logprobs_T is not None:
             teacher_BT[i, :t] = torch.from_numpy(np.array(s.teacher_logprobs_T))
             has_teacher_B[i] = 1
+        if teacher_w_BT is not None and s.teacher_weights_T is not None:
+            teacher_w_BT[i, :t] = torch.from_numpy(np.array(s.teacher_weights_T))
         if top_k and s.topk_ids_TK is not None:
             topk_ids[i, :t] = torch.from_numpy(s.topk_ids_TK[:, :top_k].astype(np.int64))
             topk_lp[i, :t] = torch.from_numpy(np.array(s.topk_logprobs_TK[:, :top_k]))
@@ -90,7 +94,8 @@ def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> LearnerBatch
     return LearnerBatch(ids_BL=ids_BL, attn_BL=attn_BL, pos_BT=pos_BT, resp_BT=resp_BT, mask_BT=mask_BT,
                         behave_BT=behave_BT, teacher_BT=teacher_BT, has_teacher_B=has_teacher_B, shift_B=shift_B,
                         weight_B=weight_B, excluded_B=excluded_B, topk_ids_BTK=topk_ids, topk_lp_BTK=topk_lp,
-                        has_topk_B=has_topk_B, raw_behave_B=torch.tensor([float(s.behaviour_raw) for s in samples]))
+                        has_topk_B=has_topk_B, raw_behave_B=torch.tensor([float(s.behaviour_raw) for s in samples]),
+                        teacher_w_BT=teacher_w_BT)
 
 
 def plan_micro_batches(lengths: list[int], world_size: int, max_tokens: int,

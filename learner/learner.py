@@ -210,7 +210,10 @@ class Learner(ControlPlane):
             has_t = b.has_teacher_B[:, None]
             # SPEC §1: A_t = log πT − log π_S,old (+ SPEC §4 shift); a failed teacher call gives A_t = 0.
             teacher = torch.where(has_t > 0, b.teacher_BT, old)
-            adv = (obj.distill_advantage(teacher, old) + b.shift_B[:, None]) * has_t
+            adv = obj.distill_advantage(teacher, old)
+            if b.teacher_w_BT is not None:  # DOPD routing weights (actors/dopd.py), before the §4 shift
+                adv = adv * b.teacher_w_BT
+            adv = (adv + b.shift_B[:, None]) * has_t
             # SPEC §2: π_S,old / π_behave, both under the samplers' processing (temperature, top-p, ...)
             w_BT = behaviour_weights(self.cfg.importance, old_proc, b.behave_BT, mask)
             pg_B, pg_stats = obj.pg_loss_per_response(
