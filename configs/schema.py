@@ -20,9 +20,9 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 # The pluggable parts of the algorithm (configs/algorithm.py), re-exported: one import path for every config type.
 from configs.algorithm import (  # noqa: F401
-    CalibrationConfig, ConstantLR, CosineLR, ForwardKLTopK, IcePop, ImportanceConfig, JSDTopK, LinearLR, LRSchedule,
-    MarginMask, MarginShift, NoCalibration, NoImportance, ObjectiveConfig, PolicyGradientTerm, ReverseKLPG,
-    ReverseKLTopK, Section, Statistic, TopKObjective, TruncatedIS, moved_keys)
+    VOPD, CalibrationConfig, ConstantLR, CosineLR, DriftControl, ForwardKLTopK, IcePop, ImportanceConfig, JSDTopK,
+    KLMixTopK, LinearLR, LRSchedule, MarginMask, MarginShift, NoCalibration, NoImportance, ObjectiveConfig,
+    PolicyGradientTerm, ReverseKLPG, ReverseKLTopK, Section, Statistic, TopKObjective, TruncatedIS, moved_keys)
 
 DEFAULT_CONFIG = Path(__file__).with_name("demo.yaml")
 
@@ -292,6 +292,10 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     objective: ObjectiveConfig = Field(ReverseKLPG(), description="The loss (SPEC §1, §6): `reverse_kl_pg` "
                                        "(default), or a top-k divergence optionally summed with the SPEC §1 term.")
+    topk_overlap_metrics: bool = Field(
+        True, description="When the objective reads the teacher's top-k: log per domain the student/teacher top-k "
+        "overlap and the shared set's mass at student-visited states (\"Rethinking OPD\"; `overlap/<domain>/*`). "
+        "Costs one top-k over the vocabulary per lm_head chunk.")
     importance: ImportanceConfig = Field(TruncatedIS(), description="SPEC §2 behaviour correction of the tokens: "
                                          "`tis` (default, upper 5), `icepop` or `none`.")
     num_cpus: float = Field(1, gt=0, description="CPUs per learner rank (Ray resources; also torch threads on CPU).")
@@ -424,8 +428,9 @@ class RunConfig(Section):
 
     @property
     def needs_topk(self) -> bool:
-        """The objective has a SPEC §6 distribution term: teachers return top-k log-probs."""
-        return isinstance(self.learner.objective, TopKObjective)
+        """The objective reads the teacher's top-k (a SPEC §6 distribution term, the vOPD baseline or drift control):
+        teachers return ``learner.objective.top_k`` log-probs per position."""
+        return self.learner.objective.top_k > 0
 
 
 # ----------------------------------------------------------------------------------------
