@@ -352,14 +352,16 @@ class Pipeline:
 
 # Each rank reports its share of these (loss terms are already divided by the global response
 # count, SPEC §1; tokens are its shard's): the step's value is the sum over ranks.
-_SUMMED_OVER_RANKS = ("loss", "pg_loss", "dist_loss", "tokens")
+_SUMMED_OVER_RANKS = ("loss", "pg_loss", "dist_loss", "tokens", "drift/tokens_saved")
 
 
 def _learner_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Rank-local learner metrics → one value each: shares are summed, rates and timings averaged."""
+    """Rank-local learner metrics → one value each: shares are summed, rates and timings averaged (over the
+    ranks that report a key: a per-domain metric is absent on a rank whose shard lacks that domain)."""
     keep = ("loss", "mismatch_kl")
-    return {k if k in keep else f"learner/{k}":
-            float((np.sum if k in _SUMMED_OVER_RANKS else np.mean)([r[k] for r in per_rank])) for k in per_rank[0]}
+    keys = dict.fromkeys(k for r in per_rank for k in r)
+    return {k if k in keep else f"learner/{k}": float((np.sum if k in _SUMMED_OVER_RANKS else np.mean)(
+        [r[k] for r in per_rank if k in r])) for k in keys}
 
 
 @dataclass

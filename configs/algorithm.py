@@ -9,7 +9,8 @@ missing ``type`` means the documented default variant; a bare string is short fo
 ``{type: <string>}`` (``buffer.calibration=none`` on the command line). These classes are the
 one definition of each setting: buffers/calibration.py and the learner read them as they are.
 A new objective is one ``TopKObjective`` subclass here, added to ``ObjectiveConfig``, and one
-line of ``TOPK_OBJECTIVES`` in learner/objectives.py.
+line of ``TOPK_OBJECTIVES`` in learner/objectives.py. Every objective has ``top_k`` (the teacher
+top-k it reads; 0 for plain ``reverse_kl_pg``) and an optional SPEC §6 ``drift`` control.
 """
 
 from __future__ import annotations
@@ -160,6 +161,55 @@ class PolicyGradientTerm(Section):
     eps_low: float = Field(0.2, ge=0, lt=1, description="ε_low: ρ is clipped below at 1 − ε_low (Uni-OPD: 0.2).")
     eps_high: float = Field(0.28, ge=0, description="ε_high: ρ is clipped above at 1 + ε_high (Uni-OPD: 0.28).")
     mask_threshold: float = Field(10.0, gt=0, description="Tokens with |log πθ − log πT| ≥ this are masked.")
+    baseline: Literal["none", "vopd"] = Field(
+        "none", description="`vopd` (\"KL for a KL\", SPEC §6): subtract the detached per-state b_t = −KL(π_S ‖ π_T), "
+        "a top-k + tail estimate at the visited state, from A_t; unbiased (b_t does not depend on the sampled "
+        "token). Needs the teacher's top-k: allowed in `type: vopd` and in a top-k objective's `pg`.")
+
+
+class DriftControl(Section):
+    """SPEC §6 Prune-OPD drift control (Prune-OPD, arXiv 2605.07804), on every token-level loss term of the
+    objective. overlap_t = |topN_S ∩ topN_T| / N at each student-visited state (the student's N likeliest tokens
+    over the whole vocabulary, from the learner's chunked head; the teacher's N likeliest of its returned top-k);
+    a drift event when overlap_t < ``threshold``; token weight
+
+        w_t = clamp(1 − decay·e_t, 0, 1) + offset        (``offset_inside_clamp: false``, SPEC §6 read literally)
+        w_t = clamp(1 − decay·e_t + offset, 0, 1)        (``offset_inside_clamp: true``)
+
+    with e_t the events at positions ≤ t (the drifted token itself counts: its teacher signal is already the
+    unreliable one). The paper states a monotone down-weighting but not this formula's details; the literal
+    reading gives weights in [0.5, 1.5], 1.5 before any drift. Severe drift truncates the training window:
+    the tokens after the first severe position leave both loss terms (the rollout "stopped early"; here it
+    was generated already, so the saving is reported as ``drift/tokens_saved``)."""
+
+    top_n: int = Field(16, ge=1, description="N of the top-N overlap (Prune-OPD: 16). The teacher's top-k must be ≥ N.")
+    threshold: float = Field(0.7, ge=0, le=1, description="A drift event when overlap_t < this (Prune-OPD: 0.7).")
+    decay: float = Field(0.01, ge=0, description="Weight lost per drift event so far (SPEC §6: 0.01).")
+    offset: float = Field(0.5, ge=0, description="Added to the clamped weight (SPEC §6: + 0.5).")
+    offset_inside_clamp: bool = Field(
+        False, description="false: w = clamp(1 − decay·e, 0, 1) + offset (SPEC §6 as written, w ∈ [offset, 1 + "
+        "offset]); true: w = clamp(1 − decay·e + offset, 0, 1).")
+    severe_consecutive: int | None = Field(
+        8, ge=1, description="Severe drift: this many consecutive drift events (project choice; null: off). The "
+        "window ends at the position that completes the run.")
+    severe_overlap: float | None = Field(
+        None, ge=0, le=1, description="Severe drift: overlap_t < this at one position (null: off).")
+
+    @property
+    def summary(self) -> str:
+        sev = [f"{self.severe_consecutive} in a row"] if self.severe_consecutive else []
+        sev += [f"overlap<{self.severe_overlap:g}"] if self.severe_overlap is not None else []
+        return f"drift(top-{self.top_n}<{self.threshold:g}, truncate at {' or '.join(sev) or 'never'})"
+
+
+def _drift_fits(top_k: int, drift: DriftControl | None) -> None:
+    if drift is not None and top_k < drift.top_n:
+        raise ValueError(f"`top_k` ({top_k}) is below `drift.top_n` ({drift.top_n}): the teacher's top-{drift.top_n} "
+                         f"is read from its returned top-k; raise top_k to ≥ {drift.top_n} or lower drift.top_n")
+
+
+def _drift_summary(drift: DriftControl | None) -> str:
+    return f" + {drift.summary}" if drift else ""
 
 
 class ReverseKLPG(Section):
@@ -167,16 +217,62 @@ class ReverseKLPG(Section):
 
     type: Literal["reverse_kl_pg"] = "reverse_kl_pg"
     pg: PolicyGradientTerm = Field(PolicyGradientTerm(), description="The SPEC §1 term's settings.")
+    drift: DriftControl | None = Field(None, description="SPEC §6 Prune-OPD drift control (null: off); the "
+                                       "teachers then return their top-`drift.top_n`.")
+
+    @property
+    def top_k(self) -> int:
+        """Teacher top-k this objective reads: only drift control's top-N."""
+        return self.drift.top_n if self.drift else 0
 
     @property
     def summary(self) -> str:
-        return f"{self.pg.weight:g}×reverse_kl_pg"
+        return f"{self.pg.weight:g}×reverse_kl_pg{_drift_summary(self.drift)}"
+
+    @model_validator(mode="after")
+    def _no_baseline_without_topk(self) -> ReverseKLPG:
+        if self.pg.baseline == "vopd":
+            raise ValueError("`pg.baseline` is vopd, which needs the teacher's top-k, but `reverse_kl_pg` fetches "
+                             "none; write `type: vopd` (the SPEC §1 term with the vOPD baseline, `top_k` settable)")
+        return self
+
+
+class VOPD(Section):
+    """SPEC §6 ``vopd`` ("KL for a KL"): the SPEC §1 term with the control variate b_t = −KL(π_S ‖ π_T) (top-k
+    + tail estimate, detached) subtracted from A_t, so its advantage is A_t + KL_t. The teacher returns its
+    top-k for the estimate; nothing else changes (the §4 calibration still rides on this term)."""
+
+    type: Literal["vopd"] = "vopd"
+    pg: PolicyGradientTerm = Field(PolicyGradientTerm(baseline="vopd"), description="The SPEC §1 term's settings "
+                                   "(`baseline` must stay `vopd`: without it this is `reverse_kl_pg`).")
+    top_k: int = Field(32, ge=1, description="Teacher top-k of the KL estimate (the rest is one tail category).")
+    drift: DriftControl | None = Field(None, description="SPEC §6 Prune-OPD drift control (null: off).")
+
+    @property
+    def summary(self) -> str:
+        return f"{self.pg.weight:g}×vopd (top-{self.top_k} baseline){_drift_summary(self.drift)}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _baseline_defaults_to_vopd(cls, value: Any) -> Any:
+        """``pg: {weight: 0.5}`` under ``type: vopd`` keeps the type's baseline (a default, not a rewrite)."""
+        if isinstance(value, dict) and isinstance(value.get("pg"), dict) and "baseline" not in value["pg"]:
+            return {**value, "pg": {**value["pg"], "baseline": "vopd"}}
+        return value
+
+    @model_validator(mode="after")
+    def _baseline_and_drift(self) -> VOPD:
+        if self.pg.baseline != "vopd":
+            raise ValueError("`type: vopd` has `pg.baseline: none`; that is `type: reverse_kl_pg` (remove "
+                             "pg.baseline or change the type)")
+        _drift_fits(self.top_k, self.drift)
+        return self
 
 
 class TopKObjective(Section):
     """A SPEC §6 per-token divergence over the teacher's top-k + one tail category, differentiated in the
     student directly, optionally summed with the SPEC §1 term. A subclass adds its ``type`` and own keys
-    (and learner/objectives.py one ``TOPK_DIVERGENCES`` entry)."""
+    (and learner/objectives.py one ``TOPK_OBJECTIVES`` entry)."""
 
     weight: float = Field(1.0, gt=0, description="Weight of the distribution term in the loss.")
     top_k: int = Field(32, ge=1, description="Teacher top-k log-probs returned per position (capped at the "
@@ -187,12 +283,20 @@ class TopKObjective(Section):
         "in both terms).")
     pg: PolicyGradientTerm | None = Field(
         None, description="Add the SPEC §1 term (which carries the §4 margin calibration) with these settings, "
-        "e.g. `pg: {weight: 0.1}`; null: the distribution term alone.")
+        "e.g. `pg: {weight: 0.1}` (`pg: {baseline: vopd}` adds the vOPD control variate); null: the distribution "
+        "term alone.")
+    drift: DriftControl | None = Field(None, description="SPEC §6 Prune-OPD drift control on both terms (null: off).")
 
     @property
     def summary(self) -> str:
-        pg = f"{self.pg.weight:g}×reverse_kl_pg + " if self.pg else ""
-        return f"{pg}{self.weight:g}×{self.type} (top-{self.top_k}{', masked responses too' if self.on_masked else ''})"
+        pg = f"{self.pg.weight:g}×{'vopd' if self.pg.baseline == 'vopd' else 'reverse_kl_pg'} + " if self.pg else ""
+        return (f"{pg}{self.weight:g}×{self.type} (top-{self.top_k}{', masked responses too' if self.on_masked else ''})"
+                f"{_drift_summary(self.drift)}")
+
+    @model_validator(mode="after")
+    def _drift_top_k(self) -> TopKObjective:
+        _drift_fits(self.top_k, self.drift)
+        return self
 
 
 class ReverseKLTopK(TopKObjective):
@@ -240,13 +344,42 @@ class ExtrapolatedPG(Section):
         "buffers/scoring.py:lambda_star), the clip strength (SPEC §1 ε_low = 0.2). The diagnostic needs the "
         "teachers' top-1 log-prob at each position; null turns it off and the teachers return no top-k.")
     pg: PolicyGradientTerm = Field(PolicyGradientTerm(), description="The SPEC §1 term's settings.")
+    drift: DriftControl | None = Field(None, description="SPEC §6 Prune-OPD drift control (null: off); the "
+                                       "teachers then return their top-`drift.top_n`.")
+
+    @property
+    def top_k(self) -> int:
+        """Teacher top-k this objective reads: only drift control's top-N (the cliff diagnostic's top-1 is
+        ``RunConfig.teacher_top_k``'s business)."""
+        return self.drift.top_n if self.drift else 0
+
+    @model_validator(mode="after")
+    def _no_baseline(self) -> ExtrapolatedPG:
+        if self.pg.baseline == "vopd":
+            raise ValueError("`pg.baseline` is vopd, which `extrapolated` does not fetch the top-k for; remove it")
+        return self
 
     @property
     def summary(self) -> str:
         return f"{self.pg.weight:g}×extrapolated(λ={self.lam:g}, reference {self.reference or 'at student.path'})"
 
 
-ObjectiveConfig = Annotated[ReverseKLPG | ReverseKLTopK | ForwardKLTopK | JSDTopK | ExtrapolatedPG,
+
+
+class KLMixTopK(TopKObjective):
+    """``kl_mix``: α·KL(teacher ‖ student) + (1−α)·KL(student ‖ teacher) over top-k + tail ("Decoupling KL and
+    Trajectories"); α = 1 is ``forward_kl_topk``, α = 0 ``reverse_kl_topk``. The paper mixes the two
+    directions; the 0.5 default is a project choice."""
+
+    type: Literal["kl_mix"] = "kl_mix"
+    alpha: float = Field(0.5, ge=0, le=1, description="α: weight of forward KL; 1 − α weighs reverse KL.")
+
+    @property
+    def summary(self) -> str:
+        return super().summary.replace("×kl_mix", f"×kl_mix(α={self.alpha:g})")
+
+
+ObjectiveConfig = Annotated[ReverseKLPG | VOPD | ReverseKLTopK | ForwardKLTopK | JSDTopK | KLMixTopK | ExtrapolatedPG,
                             Field(discriminator="type"), _tagged("reverse_kl_pg", {
                                 "dist_kind": "type", "dist_weight": "weight (of a top-k `type`)", "jsd_beta": "beta "
                                 "(`type: jsd`)", "dist_on_masked": "on_masked", "pg_weight": "pg.weight", "eps_low":

@@ -20,9 +20,10 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 # The pluggable parts of the algorithm (configs/algorithm.py), re-exported: one import path for every config type.
 from configs.algorithm import (  # noqa: F401
-    _tagged, CalibrationConfig, ConstantLR, CosineLR, ExtrapolatedPG, ForwardKLTopK, IcePop, ImportanceConfig, JSDTopK,
-    LinearLR, LRSchedule, MarginMask, MarginShift, NoCalibration, NoImportance, ObjectiveConfig, PolicyGradientTerm,
-    ReverseKLPG, ReverseKLTopK, Section, Statistic, TopKObjective, TruncatedIS, moved_keys)
+    VOPD, _tagged, CalibrationConfig, ConstantLR, CosineLR, DriftControl, ExtrapolatedPG, ForwardKLTopK, IcePop,
+    ImportanceConfig, JSDTopK, KLMixTopK, LinearLR, LRSchedule, MarginMask, MarginShift, NoCalibration, NoImportance,
+    ObjectiveConfig, PolicyGradientTerm, ReverseKLPG, ReverseKLTopK, Section, Statistic, TopKObjective, TruncatedIS,
+    moved_keys)
 from configs.scoring import (ConfidenceWeights, EqualWeights, TeacherCombination, check_scoring,  # noqa: F401
                              combination_of, reference_of, teacher_names)
 from configs.teachers import CacheTeacher
@@ -315,6 +316,10 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     objective: ObjectiveConfig = Field(ReverseKLPG(), description="The loss (SPEC §1, §6): `reverse_kl_pg` "
                                        "(default), or a top-k divergence optionally summed with the SPEC §1 term.")
+    topk_overlap_metrics: bool = Field(
+        True, description="When the objective reads the teacher's top-k: log per domain the student/teacher top-k "
+        "overlap and the shared set's mass at student-visited states (\"Rethinking OPD\"; `overlap/<domain>/*`). "
+        "Costs one top-k over the vocabulary per lm_head chunk.")
     importance: ImportanceConfig = Field(TruncatedIS(), description="SPEC §2 behaviour correction of the tokens: "
                                          "`tis` (default, upper 5), `icepop` or `none`.")
     num_cpus: float = Field(1, gt=0, description="CPUs per learner rank (Ray resources; also torch threads on CPU).")
@@ -452,16 +457,16 @@ class RunConfig(Section):
 
     @property
     def needs_topk(self) -> bool:
-        """The objective has a SPEC §6 distribution term: teachers return top-k log-probs."""
-        return isinstance(self.learner.objective, TopKObjective)
+        """The objective reads the teacher's top-k (a SPEC §6 distribution term, the vOPD baseline or drift control):
+        teachers return ``learner.objective.top_k`` log-probs per position."""
+        return self.learner.objective.top_k > 0
 
     @property
     def teacher_top_k(self) -> int:
         """Top-k log-probs per position every teacher returns: the objective's k (SPEC §6), 1 for the
         extrapolation-cliff diagnostic (the teacher's modal token, buffers/scoring.py), else 0."""
         o = self.learner.objective
-        return o.top_k if isinstance(o, TopKObjective) else int(isinstance(o, ExtrapolatedPG) and
-                                                                o.cliff_clip is not None)
+        return max(o.top_k, int(isinstance(o, ExtrapolatedPG) and o.cliff_clip is not None))
 
 
 # ----------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import torch
 from buffers.records import TrainBatch, TrainSample
 from configs.schema import (ConstantLR, CosineLR, IcePop, ImportanceConfig, LearnerConfig, LRSchedule, TopKObjective,
                             TruncatedIS, WeightSyncConfig)
+from learner import drift as drift_mod
 from learner import objectives as obj
 from learner.batch import LearnerBatch, collate, plan_micro_batches, response_positions
 from learner.concurrency import ControlPlane
@@ -172,50 +173,68 @@ class Learner(ControlPlane):
         return ResponseLogprobModel(model, chunk_tokens=cfg.logit_chunk_tokens)
 
     # -- training -------------------------------------------------------------------------
-    def _logprobs(self, b: LearnerBatch, top_k: int, processed: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Student log-probs at every real response token: ``(logp_BTJ, logp_NJ, proc_BT)``, J = 1 + top_k
-        ids (the sampled token, then the teacher's top-k); 0 at padded positions. ``proc_BT``: with
+    def _logprobs(self, b: LearnerBatch, top_k: int, processed: bool = False, top_n: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Student log-probs at every real response token: ``(logp_BTJ, logp_NJ, proc_BT, top_BTn)``, J = 1 +
+        top_k ids (the sampled token, then the teacher's top-k); 0 at padded positions. ``proc_BT``: with
         ``processed``, the sampled tokens' log-probs under the samplers' ``LogitProcessing`` (no
-        gradient; the same as column 0 when the processing is the identity), else None."""
+        gradient; the same as column 0 when the processing is the identity), else None. ``top_BTn``: with
+        ``top_n``, the student's ``top_n`` likeliest ids over the vocabulary (SPEC §6 drift, overlap metrics)."""
         rows, cols, t, ids_NJ = response_positions(b, top_k)
         extra = processed and not self.processing.identity
         out = self.engine(input_ids_BL=b.ids_BL, attention_mask_BL=b.attn_BL, rows_N=rows, cols_N=cols,
-                          token_ids_NJ=ids_NJ, processing=self.processing if extra else None)
-        logp_NJ, proc_N = out if extra else (out, None)
+                          token_ids_NJ=ids_NJ, processing=self.processing if extra else None, top_n=top_n)
+        out = out if isinstance(out, tuple) else (out,)
+        logp_NJ, proc_N = out[0], (out[1] if extra else None)
         B, T = b.mask_BT.shape
         logp_BTJ = logp_NJ.new_zeros((B, T, ids_NJ.shape[1])).index_put((rows, t), logp_NJ)
         proc_BT = None
         if processed:
             proc_BT = (logp_BTJ[..., 0].detach() if proc_N is None
                        else proc_N.new_zeros((B, T)).index_put((rows, t), proc_N))
-        return logp_BTJ, logp_NJ, proc_BT
+        top_BTn = out[-1].new_zeros((B, T, out[-1].shape[1])).index_put((rows, t), out[-1]) if top_n else None
+        return logp_BTJ, logp_NJ, proc_BT, top_BTn
 
     def _chunk_loss(self, samples: list[TrainSample], n_total: int
                     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """One micro-batch's share of the step loss, its stats, and the model output it came from."""
         o = self.cfg.objective
         dist = o if isinstance(o, TopKObjective) else None
-        b = collate(samples, self.pad_id, dist.top_k if dist else 0).to(self.device)
+        b = collate(samples, self.pad_id, o.top_k).to(self.device)
         top_k = b.top_k  # collate caps it at what the teacher returned
-        logp_BTJ, out_NJ, old_proc = self._logprobs(b, top_k, processed=True)
+        top_n = (max(top_k if self.cfg.topk_overlap_metrics else 0, o.drift.top_n if o.drift else 0)
+                 if top_k else 0)
+        logp_BTJ, out_NJ, old_proc, s_top = self._logprobs(b, top_k, processed=True, top_n=top_n)
         mask = b.mask_BT
         logp = logp_BTJ[..., 0]
         old = logp.detach()
         if b.raw_behave_B is not None and bool(b.raw_behave_B.any()):  # cached responses: raw against raw
             old_proc = torch.where(b.raw_behave_B[:, None] > 0, old, old_proc)
         stats = {"mismatch_kl": float(obj.mismatch_kl(old_proc, b.behave_BT, mask))}
+        topk_mask = mask * b.has_topk_B[:, None]
+        if top_n and self.cfg.topk_overlap_metrics:  # "Rethinking OPD" diagnostics, per domain
+            stats.update(drift_mod.overlap_metrics(s_top, b.topk_ids_BTK, b.topk_lp_BTK, logp_BTJ[..., 1:],
+                                                   topk_mask, [x.domain for x in samples]))
+        token_w = None
+        if o.drift is not None and top_n:  # SPEC §6 Prune-OPD: weights and the truncated window, both terms
+            overlap = drift_mod.topn_overlap(s_top, b.topk_ids_BTK, b.topk_lp_BTK, o.drift.top_n)
+            d = drift_mod.drift_control(overlap, topk_mask, o.drift)
+            mask, topk_mask, token_w = mask * d.window_BT, topk_mask * d.window_BT, d.weight_BT
+            stats.update(d.stats)
         pg_B = None
         if o.pg is not None:
             has_t = b.has_teacher_B[:, None]
             # SPEC §1: A_t = log πT − log π_S,old (+ SPEC §4 shift); a failed teacher call gives A_t = 0.
             teacher = torch.where(has_t > 0, b.teacher_BT, old)
             adv = obj.distill_advantage(teacher, old)
+            if o.pg.baseline == "vopd" and top_k:  # SPEC §6 vOPD: A_t − b_t, b_t = −KL(π_S,old ‖ π_T) (top-k)
+                adv = adv - obj.vopd_baseline(logp_BTJ[..., 1:], b.topk_lp_BTK, topk_mask)
             if b.teacher_w_BT is not None:  # DOPD routing weights (actors/dopd.py), before the §4 shift
                 adv = adv * b.teacher_w_BT
             adv = (adv + b.shift_B[:, None]) * has_t
             # SPEC §2: π_S,old / π_behave, both under the samplers' processing (temperature, top-p, ...)
             w_BT = behaviour_weights(self.cfg.importance, old_proc, b.behave_BT, mask)
+            w_BT = w_BT if token_w is None else w_BT * token_w
             pg_B, pg_stats = obj.pg_loss_per_response(
                 logp, old, adv, mask, eps_low=o.pg.eps_low, eps_high=o.pg.eps_high, teacher_logp_BT=teacher,
                 mask_threshold=o.pg.mask_threshold, weight_BT=w_BT)
@@ -224,9 +243,10 @@ class Learner(ControlPlane):
                           "masked_token_frac": float(pg_stats.masked_token_frac)})
         dist_B = None
         if dist is not None and top_k:
-            dist_mask = mask * b.has_topk_B[:, None]
+            dist_mask = topk_mask
             tok_BT = obj.topk_divergence_from_logprobs(logp_BTJ[..., 1:], b.topk_lp_BTK, dist_mask,
                                                        **obj.TOPK_OBJECTIVES[dist.type](dist))
+            tok_BT = tok_BT if token_w is None else tok_BT * token_w
             dist_B = obj.per_response_mean(tok_BT, dist_mask)
             dist_w_B = obj.dist_term_weights(b.weight_B, dist.on_masked, b.excluded_B)
             stats["dist_loss"] = float(obj.reduce_over_batch(dist_B.detach(), dist_w_B, n_total))
@@ -276,7 +296,7 @@ class Learner(ControlPlane):
                     for k, v in stats.items():
                         # loss terms are already divided by the global response count: they add up;
                         # rates (clip fraction, mismatch KL) are averaged by chunk size.
-                        wgt = 1.0 if k in _ADDITIVE else len(chunk) / max(1, len(shard))
+                        wgt = 1.0 if k in _ADDITIVE or "#" in k else len(chunk) / max(1, len(shard))
                         agg[k] = agg.get(k, 0.0) + v * wgt
             if loss is None:  # an empty micro-batch: this rank has less work, the backward count stays equal
                 loss = self._zero_loss()
@@ -301,6 +321,7 @@ class Learner(ControlPlane):
                     saved = g.pop("_lr_before_skip", g["lr"])
                     if g["lr"] == 0.0:
                         g["lr"] = saved
+        agg = drift_mod.token_means(agg)  # per-token rates (drift, overlap) over the whole shard
         self.steps_done += 1
         self.skipped_steps += int(skip)
         gn = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
@@ -354,7 +375,7 @@ class Learner(ControlPlane):
             if not mb:
                 continue
             b = collate([samples[i] for i in mb], self.pad_id, 0).to(self.device)
-            logp_BTJ, _, proc_BT = self._logprobs(b, 0, processed=processed)
+            logp_BTJ, _, proc_BT, _ = self._logprobs(b, 0, processed=processed)
             logp = (proc_BT if processed else logp_BTJ[..., 0]).cpu()
             for row, i in enumerate(mb):
                 out[i] = logp[row, : len(samples[i].response_ids)].numpy()
@@ -456,4 +477,4 @@ class Learner(ControlPlane):
         return out_dir
 
 
-_ADDITIVE = ("pg_loss", "dist_loss")
+_ADDITIVE = ("pg_loss", "dist_loss", "drift/tokens_saved")

@@ -48,13 +48,16 @@ class _ChunkedLogSoftmaxGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_NH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, ids_NJ: Tensor,
-                chunk: int) -> Tensor:
+                chunk: int, top_n: int) -> tuple[Tensor, Tensor]:
         N = hidden_NH.shape[0]
         out_NJ = torch.empty(ids_NJ.shape, dtype=torch.float32, device=hidden_NH.device)
         lse_N = torch.empty(N, dtype=torch.float32, device=hidden_NH.device)
+        top_Nn = torch.empty((N, top_n), dtype=torch.long, device=hidden_NH.device)
         for s in range(0, N, chunk):
             z_CV = _chunk_logits(hidden_NH[s : s + chunk], weight_VH, bias_V)
             picked_CJ = z_CV.gather(1, ids_NJ[s : s + chunk])
+            if top_n:  # the student's N likeliest ids (SPEC §6 drift / overlap), read before z is overwritten
+                top_Nn[s : s + chunk] = z_CV.topk(top_n, dim=1).indices
             # logsumexp in place (torch.logsumexp would allocate a second C × V buffer)
             max_C = z_CV.amax(dim=1)
             lse_C = max_C + z_CV.sub_(max_C[:, None]).exp_().sum(dim=1).log()
@@ -63,10 +66,11 @@ class _ChunkedLogSoftmaxGather(torch.autograd.Function):
             del z_CV
         ctx.save_for_backward(hidden_NH, weight_VH, bias_V, ids_NJ, lse_N)
         ctx.chunk = chunk
-        return out_NJ
+        ctx.mark_non_differentiable(top_Nn)
+        return out_NJ, top_Nn
 
     @staticmethod
-    def backward(ctx, grad_NJ: Tensor):
+    def backward(ctx, grad_NJ: Tensor, _grad_top: Tensor | None = None):
         hidden_NH, weight_VH, bias_V, ids_NJ, lse_N = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         chunk = ctx.chunk
@@ -94,23 +98,28 @@ class _ChunkedLogSoftmaxGather(torch.autograd.Function):
                     grad_w.add_(gz_CV.t() @ h_CH)
             del gz_CV
         return (grad_h, grad_w.to(weight_VH.dtype) if need_w else None,
-                grad_b.to(bias_V.dtype) if need_b else None, None, None)
+                grad_b.to(bias_V.dtype) if need_b else None, None, None, None)
 
 
 def chunked_logprobs(hidden_NH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, ids_NJ: Tensor,
-                     chunk_tokens: int) -> Tensor:
+                     chunk_tokens: int, top_n: int = 0) -> Tensor | tuple[Tensor, Tensor]:
     """fp32 ``log softmax(hidden Wᵀ + b)`` at ``ids_NJ`` (J ids per position), C = ``chunk_tokens``
     positions at a time; differentiable in ``hidden_NH``, ``weight_VH`` and ``bias_V``.
 
     Equals ``torch.log_softmax(F.linear(hidden, W, b).float(), -1).gather(-1, ids)`` in value and
-    gradient, with at most one C × V chunk of logits alive (see the module docstring).
+    gradient, with at most one C × V chunk of logits alive (see the module docstring). With ``top_n``
+    > 0 it also returns the ids of each position's ``top_n`` largest logits over the whole vocabulary
+    (N × top_n, likeliest first, no gradient), taken from the same chunks: ``(logp_NJ, top_ids_Nn)``.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens is {chunk_tokens}; it must be ≥ 1 (positions per lm_head chunk)")
     if hidden_NH.dim() != 2 or ids_NJ.dim() != 2 or ids_NJ.shape[0] != hidden_NH.shape[0]:
         raise ValueError(f"hidden_NH {tuple(hidden_NH.shape)} and ids_NJ {tuple(ids_NJ.shape)} must be (N, H) "
                          f"and (N, J) with the same N")
-    return _ChunkedLogSoftmaxGather.apply(hidden_NH, weight_VH, bias_V, ids_NJ.long().contiguous(), chunk_tokens)
+    top_n = min(top_n, weight_VH.shape[0])
+    logp_NJ, top_Nn = _ChunkedLogSoftmaxGather.apply(hidden_NH, weight_VH, bias_V, ids_NJ.long().contiguous(),
+                                                     chunk_tokens, top_n)
+    return (logp_NJ, top_Nn) if top_n > 0 else logp_NJ
 
 
 @dataclass(frozen=True)
@@ -216,16 +225,21 @@ class ResponseLogprobModel(nn.Module):
         return getattr(self, self._head_name)
 
     def forward(self, input_ids_BL: Tensor, attention_mask_BL: Tensor, rows_N: Tensor, cols_N: Tensor,
-                token_ids_NJ: Tensor, processing: LogitProcessing | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                token_ids_NJ: Tensor, processing: LogitProcessing | None = None, top_n: int = 0) -> Tensor | tuple:
         """``logp_NJ[n, j]`` = log π(token_ids_NJ[n, j] | input_ids_BL[rows_N[n], : cols_N[n] + 1]), fp32.
         With ``processing``, also the (gradient-free) log-probs of ``token_ids_NJ[:, 0]`` under it,
-        from the same hidden states: ``(logp_NJ, processed_N)``."""
+        from the same hidden states: ``(logp_NJ, processed_N)``. With ``top_n`` > 0, also each position's
+        ``top_n`` likeliest ids (``chunked_logprobs``), last: ``(logp_NJ, [processed_N,] top_ids_Nn)``."""
         base = getattr(self, self._base_name)
         hidden_BLH = base(input_ids=input_ids_BL, attention_mask=attention_mask_BL, use_cache=False).last_hidden_state
         hidden_NH = hidden_BLH[rows_N, cols_N]
-        logp_NJ = chunked_logprobs(hidden_NH, self.head.weight, self.head.bias, token_ids_NJ, self.chunk_tokens)
+        logp_NJ = chunked_logprobs(hidden_NH, self.head.weight, self.head.bias, token_ids_NJ, self.chunk_tokens, top_n)
+        top = ()
+        if top_n > 0:
+            logp_NJ, top_Nn = logp_NJ
+            top = (top_Nn,)
         if processing is None:
-            return logp_NJ
+            return (logp_NJ, *top) if top else logp_NJ
         return logp_NJ, processed_logprobs(hidden_NH.detach(), self.head.weight.detach(),
                                            None if self.head.bias is None else self.head.bias.detach(),
-                                           token_ids_NJ[:, 0], self.chunk_tokens, processing)
+                                           token_ids_NJ[:, 0], self.chunk_tokens, processing), *top

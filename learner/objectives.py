@@ -49,6 +49,7 @@ __all__ = [
     "reduce_over_batch",
     "topk_divergence",
     "topk_divergence_from_logprobs",
+    "vopd_baseline",
 ]
 
 # exp() of a log-ratio beyond this overflows float32 long before it means
@@ -63,7 +64,7 @@ _TAIL_MASS_FLOOR = 1e-6
 _MIN_TEACHER_LOGP = -1e4
 
 BehaviourWeightMode = Literal["none", "tis", "icepop"]
-DivergenceKind = Literal["reverse_kl", "forward_kl", "jsd"]
+DivergenceKind = Literal["reverse_kl", "forward_kl", "jsd", "kl_mix"]
 
 
 # ---------------------------------------------------------------------------
@@ -343,6 +344,7 @@ def topk_divergence(
     *,
     kind: DivergenceKind,
     beta: float = 0.5,
+    alpha: float = 0.5,
 ) -> Tensor:
     """SPEC §6 per-token divergence from full-vocabulary student logits (see
     :func:`topk_divergence_from_logprobs`, which this gathers the student's top-k log-probs for).
@@ -355,7 +357,7 @@ def topk_divergence(
     # Padded slots may hold any ids: gather at a harmless one (0) so nothing reads out of range.
     ids_BTK = torch.where(real_BTK, teacher_topk_ids_BTK.long(), 0)
     s_topk_BTK = student_logits_BTV.gather(-1, ids_BTK).float() - _logsumexp_rows_BT(student_logits_BTV).unsqueeze(-1)
-    return topk_divergence_from_logprobs(s_topk_BTK, teacher_topk_logp_BTK, mask_BT, kind=kind, beta=beta)
+    return topk_divergence_from_logprobs(s_topk_BTK, teacher_topk_logp_BTK, mask_BT, kind=kind, beta=beta, alpha=alpha)
 
 
 def topk_divergence_from_logprobs(
@@ -365,6 +367,7 @@ def topk_divergence_from_logprobs(
     *,
     kind: DivergenceKind,
     beta: float = 0.5,
+    alpha: float = 0.5,
 ) -> Tensor:
     """SPEC §6 per-token divergence between teacher and student over K+1 categories.
 
@@ -377,15 +380,19 @@ def topk_divergence_from_logprobs(
     - ``jsd``: ``β·KL(T ‖ M) + (1−β)·KL(S ‖ M)``, ``M = β p_T + (1−β) p_S``;
       ``β = 0`` is forward KL and ``β = 1`` reverse KL exactly (TRL's GKD
       convention; the mixture formula itself tends to 0 at both ends, so the
-      endpoints are special-cased).
+      endpoints are special-cased);
+    - ``kl_mix``: ``α·KL(T ‖ S) + (1−α)·KL(S ‖ T)`` ("Decoupling KL and Trajectories"): α = 1 is
+      forward KL, α = 0 reverse KL.
 
     Differentiable in ``student_topk_logp_BTK``; the teacher side is constant.
     Returns float32 ``per_token_BT``, 0 (value and gradient) on padded positions.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"jsd beta is {beta}; it must lie in [0, 1] (0 = forward KL, 1 = reverse KL)")
-    if kind not in ("reverse_kl", "forward_kl", "jsd"):
-        raise ValueError(f"divergence kind is {kind!r}; it must be one of 'reverse_kl', 'forward_kl', 'jsd'")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"kl_mix alpha is {alpha}; it must lie in [0, 1] (1 = forward KL, 0 = reverse KL)")
+    if kind not in ("reverse_kl", "forward_kl", "jsd", "kl_mix"):
+        raise ValueError(f"divergence kind is {kind!r}; it must be one of 'reverse_kl', 'forward_kl', 'jsd', 'kl_mix'")
     real_BT = mask_BT.float() > 0
     real_BTK = real_BT.unsqueeze(-1)
     k = teacher_topk_logp_BTK.shape[-1]
@@ -405,6 +412,8 @@ def topk_divergence_from_logprobs(
         div_BT = _kl_over_categories(t_BTC, s_BTC)
     elif kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
         div_BT = _kl_over_categories(s_BTC, t_BTC)
+    elif kind == "kl_mix":
+        div_BT = alpha * _kl_over_categories(t_BTC, s_BTC) + (1.0 - alpha) * _kl_over_categories(s_BTC, t_BTC)
     else:
         mix_BTC = torch.logsumexp(torch.stack([t_BTC + math.log(beta), s_BTC + math.log(1.0 - beta)]), dim=0)
         div_BT = beta * _kl_over_categories(t_BTC, mix_BTC) + (1.0 - beta) * _kl_over_categories(s_BTC, mix_BTC)
@@ -421,4 +430,21 @@ TOPK_OBJECTIVES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "reverse_kl_topk": lambda o: {"kind": "reverse_kl"},
     "forward_kl_topk": lambda o: {"kind": "forward_kl"},
     "jsd": lambda o: {"kind": "jsd", "beta": o.beta},
+    "kl_mix": lambda o: {"kind": "kl_mix", "alpha": o.alpha},
 }
+
+
+def vopd_baseline(student_topk_logp_BTK: Tensor, teacher_topk_logp_BTK: Tensor, mask_BT: Tensor) -> Tensor:
+    """SPEC §6 vOPD ("KL for a KL") control variate: ``b_t = −KL(π_S ‖ π_T)`` at each visited state, the
+    top-k + tail estimate of :func:`topk_divergence_from_logprobs` (reverse KL over K + 1 categories),
+    detached; 0 on padding.
+
+    Why it is a baseline for the SPEC §1 term: ``E_{y∼π_S}[log π_T(y) − log π_S(y)] = −KL(π_S ‖ π_T)``, the
+    expected advantage at that state, and it does not depend on the sampled token, so
+    ``E[∇log π_S(y)·b_t] = b_t·Σ_y ∇π_S(y) = 0``: subtracting it leaves the expected gradient unchanged and
+    centres A_t. The learner passes the student's log-probs at the teacher's ids under π_S,old (the
+    detached current parameters), the same numbers the distribution terms read.
+    """
+    kl_BT = topk_divergence_from_logprobs(student_topk_logp_BTK.detach(), teacher_topk_logp_BTK, mask_BT,
+                                          kind="reverse_kl")
+    return -kl_BT.detach()

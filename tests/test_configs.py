@@ -63,6 +63,11 @@ def test_schema_defaults_are_the_spec_defaults():
     (["learner.objective.type=reverse_kl_pg", "learner.objective.top_k=4"],
      r"`learner.objective.top_k` is not a known key of `type: reverse_kl_pg`"),
     (["learner.objective.dist_weight=0.5"], r"`dist_weight` is now `weight \(of a top-k `type`\)`"),
+    (["learner.objective={pg: {baseline: vopd}}"], r"`pg.baseline` is vopd.*write `type: vopd`"),
+    (["learner.objective={type: vopd, pg: {baseline: none}}"], r"that is `type: reverse_kl_pg`"),
+    (["learner.objective={type: kl_mix, alpha: 1.5}"], r"alpha"),
+    (["learner.objective.top_k=8", "learner.objective.drift={}"], r"`top_k` \(8\) is below `drift.top_n` \(16\)"),
+    (["learner.objective.drift.treshold=0.5"], r"treshold"),
     (["learner.importance.type=icepop", "learner.importance.low=3"], r"`low` \(3\) must be < `high` \(2\)"),
     (["learner.importance.upper=3", "learner.importance.type=none"], r"`learner.importance.upper` is not a known key"),
     (["learner.warmup_steps=3"], r"`warmup_steps` is now `lr_schedule.warmup_steps`"),
@@ -82,6 +87,11 @@ def test_union_sections_take_a_bare_type_and_default_a_missing_one():
     cfg = load_config(None, ["learner.objective={pg: {weight: 2}}"])  # no type: the default variant
     assert (cfg.learner.objective.type, cfg.learner.objective.pg.weight) == ("reverse_kl_pg", 2.0)
     assert not cfg.needs_topk and load_config().needs_topk
+    # vOPD and drift control read the teacher's top-k: the teachers must return it
+    cfg = load_config(None, ["learner.objective={type: vopd, pg: {weight: 0.5}}"])
+    assert cfg.needs_topk and cfg.learner.objective.pg.baseline == "vopd" and cfg.learner.objective.top_k == 32
+    cfg = load_config(None, ["learner.objective={drift: {top_n: 8}}"])
+    assert cfg.needs_topk and cfg.learner.objective.top_k == 8
 
 
 def test_override_changes_nested_value_with_yaml_typing():

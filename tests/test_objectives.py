@@ -23,6 +23,8 @@ from learner.objectives import (
     combine_terms,
     reduce_over_batch,
     topk_divergence,
+    topk_divergence_from_logprobs,
+    vopd_baseline,
 )
 
 
@@ -336,18 +338,117 @@ def test_topk_teacher_mass_above_one_from_rounding_gives_no_nan() -> None:
 def test_every_topk_objective_of_the_config_has_its_registry_line_and_the_hand_values() -> None:
     import typing
 
-    from configs.schema import ForwardKLTopK, JSDTopK, ObjectiveConfig, ReverseKLTopK, TopKObjective
+    from configs.schema import ForwardKLTopK, JSDTopK, KLMixTopK, ObjectiveConfig, ReverseKLTopK, TopKObjective
 
     variants = typing.get_args(typing.get_args(ObjectiveConfig)[0])
     topk_types = {v.model_fields["type"].default for v in variants if issubclass(v, TopKObjective)}
-    assert set(TOPK_OBJECTIVES) == topk_types == {"reverse_kl_topk", "forward_kl_topk", "jsd"}
+    assert set(TOPK_OBJECTIVES) == topk_types == {"reverse_kl_topk", "forward_kl_topk", "jsd", "kl_mix"}
     logits, ids, t_logp, mask = _hand_topk_case()
-    for cfg, want in ((ForwardKLTopK(), _HAND_FORWARD), (ReverseKLTopK(), _HAND_REVERSE), (JSDTopK(), _HAND_JSD_HALF)):
+    for cfg, want in ((ForwardKLTopK(), _HAND_FORWARD), (ReverseKLTopK(), _HAND_REVERSE), (JSDTopK(), _HAND_JSD_HALF),
+                      (KLMixTopK(alpha=0.25), _HAND_KL_MIX_QUARTER)):
         got = topk_divergence(logits, ids, t_logp, mask, **TOPK_OBJECTIVES[cfg.type](cfg))
         assert got.item() == pytest.approx(want, abs=1e-5), cfg.type
     # the variant's own key reaches the math: β = 0 is forward KL exactly
     got = topk_divergence(logits, ids, t_logp, mask, **TOPK_OBJECTIVES["jsd"](JSDTopK(beta=0.0)))
     assert got.item() == pytest.approx(_HAND_FORWARD, abs=1e-5)
+
+
+# kl_mix(α) = α·forward + (1−α)·reverse on the same case ("Decoupling KL and Trajectories"):
+#   α = 0.25: 0.25·0.165332 + 0.75·0.212199 = 0.041333 + 0.159149 = 0.200482
+#   α = 0.5:  ½(0.165332 + 0.212199)                                = 0.188765
+_HAND_KL_MIX_QUARTER = 0.200482
+
+
+@pytest.mark.parametrize(("alpha", "expected"), [(0.25, _HAND_KL_MIX_QUARTER), (0.5, 0.188765),
+                                                 (1.0, _HAND_FORWARD), (0.0, _HAND_REVERSE)])
+def test_kl_mix_is_alpha_forward_plus_one_minus_alpha_reverse_by_hand(alpha: float, expected: float) -> None:
+    logits, ids, t_logp, mask = _hand_topk_case()
+    out = topk_divergence(logits, ids, t_logp, mask, kind="kl_mix", alpha=alpha)
+    assert out.item() == pytest.approx(expected, abs=1e-5)
+    out.sum().backward()  # the gradient is the same mix of the two directions' gradients
+    g_mix = logits.grad.clone()
+    grads = []
+    for kind in ("forward_kl", "reverse_kl"):
+        logits.grad = None
+        topk_divergence(logits, ids, t_logp, mask, kind=kind).sum().backward()  # type: ignore[arg-type]
+        grads.append(logits.grad.clone())
+    torch.testing.assert_close(g_mix, alpha * grads[0] + (1 - alpha) * grads[1])
+
+
+def test_kl_mix_rejects_alpha_outside_unit_interval() -> None:
+    logits, ids, t_logp, mask = _hand_topk_case()
+    with pytest.raises(ValueError, match="alpha"):
+        topk_divergence(logits, ids, t_logp, mask, kind="kl_mix", alpha=1.5)
+
+
+# --------------------------------------------------------------------------- SPEC §6 vOPD baseline
+
+# Same case: π_S = (1/6, 2/6, 3/6), teacher top-2 = tokens (2, 0) with p_T = (0.6, 0.3), tail 0.1.
+# b = −KL(π_S ‖ π_T) over {2, 0, tail} = −0.212199 (the reverse KL above).
+# Sampled token 2: A = ln 0.6 − ln 0.5 = 0.182322, A − b = 0.182322 + 0.212199 = 0.394521.
+# Sampled token 0: A = ln 0.3 − ln(1/6) = 0.587787, A − b = 0.799986.
+
+
+def test_vopd_baseline_is_minus_topk_reverse_kl_by_hand_and_detached() -> None:
+    s_lp = torch.log(torch.tensor([[[0.5, 1 / 6], [0.5, 1 / 6]]])).requires_grad_(True)
+    t_lp = torch.log(torch.tensor([[[0.6, 0.3], [0.6, 0.3]]]))
+    b = vopd_baseline(s_lp, t_lp, torch.tensor([[1.0, 0.0]]))  # second position is padding
+    assert not b.requires_grad
+    assert b[0, 0].item() == pytest.approx(-0.212199, abs=1e-5)
+    assert b[0, 1].item() == 0.0
+    adv = distill_advantage(torch.log(torch.tensor([[0.6, 0.3]])), torch.log(torch.tensor([[0.5, 1 / 6]]))) - \
+        vopd_baseline(s_lp, t_lp, torch.ones(1, 2))
+    torch.testing.assert_close(adv, _t([0.394521, 0.799986]), atol=1e-5, rtol=0)
+
+
+def _vopd_gradient(n: int, baseline: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over n sampled tokens y ~ π_S of the SPEC §1 loss gradient in the student's logits θ, with the
+    advantage A(y) = log π_T(y) − log π_S(y) minus: nothing, the vOPD b (constant in y), or A(y) itself
+    (a y-dependent "baseline", which must change the gradient). ρ = 1, so the loss gradient is
+    −mean(A'·∇log π_S(y)). Returns (gradient, exact expected gradient Σ_y π_S(y) A(y) ∇log π_S(y) negated)."""
+    theta = torch.tensor([0.0, math.log(2.0), math.log(3.0)], requires_grad=True)
+    p_T = torch.tensor([0.3, 0.1, 0.6])  # full teacher distribution: its top-2 are tokens 2, 0
+    y = torch.multinomial(torch.softmax(theta.detach(), -1), n, replacement=True,
+                          generator=torch.Generator().manual_seed(seed))
+    logp_all = torch.log_softmax(theta, -1)
+    logp = logp_all[y][:, None]  # B = n responses of one token
+    old = logp.detach()
+    adv = distill_advantage(torch.log(p_T)[y][:, None], old)
+    if baseline == "vopd":
+        s_topk = logp_all.detach()[torch.tensor([2, 0])].expand(n, 1, 2)
+        adv = adv - vopd_baseline(s_topk, torch.log(p_T[torch.tensor([2, 0])]).expand(n, 1, 2), torch.ones(n, 1))
+    elif baseline == "y_dependent":
+        adv = adv - adv
+    loss_B, _ = pg_loss_per_response(logp, old, adv, torch.ones(n, 1))
+    (grad,) = torch.autograd.grad(reduce_over_batch(loss_B, torch.ones(n), n), theta)
+    p = torch.softmax(theta.detach(), -1)
+    a_all = torch.log(p_T) - torch.log(p)
+    exact = -(p[:, None] * a_all[:, None] * (torch.eye(3) - p)).sum(0)  # ∇log π(y) = onehot(y) − p
+    return grad, exact
+
+
+def test_vopd_baseline_leaves_the_expected_gradient_unchanged_over_many_samples() -> None:
+    n = 200_000
+    g_plain, exact = _vopd_gradient(n, "none")
+    g_vopd, _ = _vopd_gradient(n, "vopd")
+    # same samples: the difference is b·mean(∇log π(y)) = −0.212·(mean onehot(y) − p); its std per
+    # coordinate ≤ 0.212·√(0.25/n) ≈ 2.4e-4, so 2e-3 is > 8 standard deviations.
+    torch.testing.assert_close(g_vopd, g_plain, atol=2e-3, rtol=0)
+    torch.testing.assert_close(g_vopd, exact, atol=5e-3, rtol=0)
+    assert exact.abs().max().item() > 0.05  # a real gradient, not ≈ 0 everywhere
+    # the test can fail: a baseline that depends on y (here A(y) itself) moves the gradient (to 0)
+    g_bad, _ = _vopd_gradient(n, "y_dependent")
+    assert (g_bad - g_plain).abs().max().item() > 0.05
+
+
+def test_vopd_baseline_lowers_the_gradient_variance_on_the_hand_case() -> None:
+    # per-sample gradient norms: A − b is centred (E[A − b] = 0 under π_S when top-k covers the mass), so its
+    # per-sample gradients are smaller on average here; the SPEC's "lower variance" claim on this case.
+    var = {}
+    for baseline in ("none", "vopd"):
+        grads = torch.stack([_vopd_gradient(1, baseline, seed=s)[0] for s in range(300)])
+        var[baseline] = grads.var(0).sum().item()
+    assert var["vopd"] < var["none"]
 
 
 @pytest.mark.parametrize("beta", [-0.1, 1.5])
