@@ -22,33 +22,121 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see actors/placement.py
 
-# The demo's default objective, for the Uni-OPD / vanilla pair of the distribution-matching family.
 _PG = "learner.objective={type: reverse_kl_pg}"
 _VANILLA = ["buffer.balance=false", "buffer.calibration=none"]
 _TOPK = "top_k: 64, on_masked: true, pg: {weight: 0.1}"  # the demo's top-k settings (64 ≥ the 50-token vocabulary)
+_DEMO = {"math": ("math_teacher", "teacher_math", "final_answer"), "reverse": ("reverse_teacher", "teacher_reverse",
+                                                                              "answer")}
+_PRIVILEGED = "{prompt} ans:{context}"  # the teacher's last user turn: the prompt, then the reference answer
 
-# name → (what it is, overrides of configs/demo.yaml). Filled with each variant's documented defaults.
-VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "uniopd_pg": ("Uni-OPD: SPEC §1 policy gradient + §3.2 balancing + §4 margin shift", [_PG]),
-    "vanilla_pg": ("vanilla OPD: SPEC §1 policy gradient, no balancing, no calibration", [_PG, *_VANILLA]),
-    "uniopd_fkl": ("Uni-OPD, the demo's objective: forward_kl_topk + 0.1 × §1 term (balanced, shifted)", []),
-    "vanilla_fkl": ("vanilla OPD, the demo's objective (no balancing, no calibration)", _VANILLA),
+
+def _flow(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+
+
+def _train_sources(**extra_by_domain) -> list[dict]:
+    """configs/demo.yaml's training sources, each updated with ``extra_by_domain[domain]``."""
+    import yaml
+
+    tree = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    return [{**s, **extra_by_domain.get(s["domain"], {})} for s in tree["data"]["train"]]
+
+
+def _teachers(cache: Path, **more) -> dict:
+    return {t: {"path": f"{cache}/{d}", "num_cpus": 0.5} for t, d, _ in _DEMO.values()} | more
+
+
+def _self_teacher(cache: Path) -> dict:
+    """OPSD's privileged student: the current student (follow_student) reading the reference answer."""
+    return {"path": f"{cache}/student", "num_cpus": 0.5, "follow_student": True,
+            "privileged": {"template": _PRIVILEGED}}
+
+
+def _with_context() -> str:
+    return "data.train=" + _flow(_train_sources(**{d: {"context_key": col} for d, (_, _, col) in _DEMO.items()}))
+
+
+# name → (what it is, cache dir → overrides of configs/demo.yaml). Each variant at its documented defaults.
+VARIANTS: dict[str, tuple[str, Callable[[Path], list[str]]]] = {
+    "uniopd_pg": ("Uni-OPD: SPEC §1 policy gradient + §3.2 balancing + §4 margin shift", lambda c: [_PG]),
+    "vanilla_pg": ("vanilla OPD: SPEC §1 policy gradient, no balancing, no calibration", lambda c: [_PG, *_VANILLA]),
+    "uniopd_fkl": ("Uni-OPD, the demo's objective: forward_kl_topk + 0.1 × §1 term (balanced, shifted)",
+                   lambda c: []),
+    "vanilla_fkl": ("vanilla OPD, the demo's objective (no balancing, no calibration)", lambda c: _VANILLA),
     "reverse_kl_topk": ("reverse KL over the teacher's top-k + tail, + 0.1 × §1 term",
-                        [f"learner.objective={{type: reverse_kl_topk, {_TOPK}}}"]),
-    "jsd": ("generalised JSD β = 0.5 (GKD), + 0.1 × §1 term", [f"learner.objective={{type: jsd, beta: 0.5, {_TOPK}}}"]),
+                        lambda c: [f"learner.objective={{type: reverse_kl_topk, {_TOPK}}}"]),
+    "jsd": ("generalised JSD β = 0.5 (GKD), + 0.1 × §1 term",
+            lambda c: [f"learner.objective={{type: jsd, beta: 0.5, {_TOPK}}}"]),
+    "kl_mix": ("α·forward + (1−α)·reverse KL, α = 0.5, + 0.1 × §1 term",
+               lambda c: [f"learner.objective={{type: kl_mix, alpha: 0.5, {_TOPK}}}"]),
+    "vopd": ("SPEC §1 term with the vOPD baseline b_t = −KL(π_S‖π_T) (top-32)", lambda c: ["learner.objective=vopd"]),
+    "prune_drift": ("SPEC §1 term with Prune-OPD drift control (top-16 overlap < 0.7)",
+                    lambda c: ["learner.objective={type: reverse_kl_pg, drift: {}}"]),
+    "extrapolated": ("G-OPD / ExOPD λ = 1.25 on the SPEC §1 term, π_ref = the initial student",
+                     lambda c: ["learner.objective={type: extrapolated, lam: 1.25}",
+                                "teachers=" + _flow(_teachers(c, reference={"path": f"{c}/student",
+                                                                            "num_cpus": 0.5}))]),
+    "multi_teacher": ("each domain scored by both teachers, confidence-weighted (softmax(c/τ), τ = 1)",
+                      lambda c: ["domains.math.teacher=[math_teacher, reverse_teacher]",
+                                 "domains.reverse.teacher=[reverse_teacher, math_teacher]"]),
+    "opsd": ("self-distillation: the current student reading the reference answer is the teacher (SPEC §1 term)",
+             lambda c: [_PG, _with_context(), "teachers=" + _flow({"self": _self_teacher(c)}),
+                        "domains.math.teacher=self", "domains.reverse.teacher=self"]),
+    "dopd": ("DOPD: each token routed between the domain teacher and the privileged student (SPEC §1 term)",
+             lambda c: [_PG, _with_context(), "teachers=" + _flow(_teachers(c, self=_self_teacher(c))),
+                        "domains.math.routing={type: dopd, student: self}",
+                        "domains.reverse.routing={type: dopd, student: self}"]),
+    "cache": ("offline teacher cache (Lightning OPD): the SFT responses scored once, no live teacher",
+              lambda c: [f"data.train={_flow(_cache_sources(c))}",
+                         "teachers=" + _flow({t: {"type": "cache", "path": f"{c}/compare_cache/{d}"}
+                                              for d, (t, _, _) in _DEMO.items()})]),
 }
+
+
+def _cache_sources(cache: Path) -> list[dict]:
+    return [{**s, "path": f"{cache}/compare_cache/{s['domain']}_sft.jsonl"} for s in _train_sources()]
+
+
+def build_caches(cache: Path) -> None:
+    """The ``cache`` variant's inputs, once: each domain's SFT set (the demo's training prompts with the
+    responses its teachers were SFT'd on, demo/tasks.py:format_response; the teacher is recorded as their
+    producer) and its teacher cache (top-64, scripts/cache_teacher.py's builder)."""
+    import pyarrow.parquet as pq
+
+    from actors.teacher_cache import build_cache
+    from actors.teacher_identity import model_identity, read_producer, write_producer
+    from configs.schema import DataSource, load_config
+    from demo.tasks import format_response
+
+    out = cache / "compare_cache"
+    cfg = load_config(None, ["demo.prepare=false"])
+    for src in _cache_sources(cache):
+        d, sft = src["domain"], Path(src["path"])
+        if (out / d / "cache.json").is_file():
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        answer = _DEMO[d][2]
+        rows = pq.read_table(str(sft.parent.parent / "data/train" / d)).to_pylist()
+        sft.write_text("".join(json.dumps({**r, "response": format_response(d, r[answer])}) + "\n" for r in rows))
+        write_producer(sft, model_identity(cache / _DEMO[d][1]))
+        build_cache(cfg, DataSource.model_validate(src), response_key="response",
+                    teacher_path=str(cache / _DEMO[d][1]), out=out / d, top_k=64, producer=read_producer(sft))
+
 
 STEP_FIELDS = ("samples_per_s", "train_seconds", "steps")
 
 
 def overrides_for(name: str, seed: int, steps: int, cache: Path, stamp: str) -> list[str]:
-    return [*VARIANTS[name][1], f"run.steps={steps}", f"run.eval_every={max(1, steps // 2)}", f"run.seed={seed}",
+    return [*VARIANTS[name][1](cache), f"run.steps={steps}", f"run.eval_every={max(1, steps // 2)}", f"run.seed={seed}",
             f"run.name=cmp-{stamp}-{name}-s{seed}", "run.output_dir=runs/compare", "run.eval_teachers=true",
             "demo.prepare=false"]
 
@@ -106,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         prepare(cache)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     names = args.only or list(VARIANTS)
+    if "cache" in names:
+        build_caches(cache)
     results = []
     out = {"settings": {"steps": args.steps, "seeds": args.seeds, "config": "configs/demo.yaml",
-                        "variants": {n: {"what": VARIANTS[n][0], "overrides": VARIANTS[n][1]} for n in names}},
+                        "variants": {n: {"what": VARIANTS[n][0], "overrides": VARIANTS[n][1](cache)} for n in names}},
            "loadavg_at_start": os.getloadavg(), "results": results}
     for name in names:
         for seed in args.seeds:
