@@ -48,13 +48,17 @@ def get(refs, stage: str, timeout: float):
 async def aget(refs, stage: str, timeout: float):
     """The awaitable form of ``get`` (one ref or a list), for the driver's loops."""
     many = isinstance(refs, list)
+    fut = asyncio.gather(*(refs if many else [refs]))
     try:
-        out = await asyncio.wait_for(asyncio.gather(*(refs if many else [refs])), timeout)
+        out = await asyncio.wait_for(fut, timeout)
     except (asyncio.TimeoutError, ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
         err = _stage_error(e, stage, timeout)
         if err is e:
             raise
         raise err from e
+    finally:
+        if fut.done() and not fut.cancelled():
+            fut.exception()  # read: a ref cancelled at shutdown is not logged as "exception never retrieved"
     return out if many else out[0]
 
 
