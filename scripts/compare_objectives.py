@@ -203,10 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         for seed in args.seeds:
             print(f"=== {name} seed {seed}: {VARIANTS[name][0]}", flush=True)
-            results.append(run_one(name, seed, args.steps, cache, stamp))
+            try:
+                results.append(run_one(name, seed, args.steps, cache, stamp))
+            except Exception as e:  # one variant's failure is reported, the others still run
+                logging.exception("variant %s seed %d failed", name, seed)
+                out.setdefault("failed", []).append({"variant": name, "seed": seed, "error": f"{type(e).__name__}: {e}"})
             Path(args.out).write_text(json.dumps(out, indent=2))  # nothing computed is lost if a later run fails
     print(f"\n{args.steps} steps, seeds {args.seeds}; held-out accuracy: mean (per seed)\n")
     print(table(results, args.steps))
+    for f in out.get("failed", []):
+        print(f"FAILED {f['variant']} seed {f['seed']}: {f['error'][:300]}")
     print(f"\nwrote {args.out}")
     return 0
 
