@@ -307,7 +307,7 @@ def build_cache(cfg, src, *, response_key: str, teacher_path: str, out: str | Pa
 
     meta = write_cache(out, batches(), {
         "teacher": teacher, "sft_producer": producer, "forced": bool(force and producer), "top_k": engine.top_k,
-        "student": str(Path(cfg.student.path).resolve()), "source": src.model_dump(mode="json"),
+        "vocab_size": engine.vocab_size, "student": str(Path(cfg.student.path).resolve()), "source": src.model_dump(mode="json"),
         "response_key": response_key, "skipped_rows": skipped, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     meta["score_seconds"] = round(time.perf_counter() - t0, 2)
     log.info("cache %s: %d responses scored by %s in %.1fs", out, meta["rows"], teacher_path, meta["score_seconds"])

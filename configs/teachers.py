@@ -99,7 +99,8 @@ class CacheTeacher(Section):
         if meta is None:
             return [f"`teachers.{name}.path` is {self.path!r}: no {CACHE_META} there; write the cache with "
                     "scripts/cache_teacher.py"]
-        if top_k > meta["top_k"]:
+        # a top-k of the whole vocabulary is every k (the learner caps k at the vocabulary too)
+        if min(top_k, meta.get("vocab_size") or top_k) > meta["top_k"]:
             return [f"`learner.objective.top_k` is {top_k} but the cache of `teachers.{name}` holds top-"
                     f"{meta['top_k']}; lower top_k or rebuild the cache with --top-k {top_k}"]
         return []
