@@ -141,6 +141,8 @@ class CachedTeacher(ControlPlane):
         self.name, self.n, self.top_k = name, group_size, top_k
         self.max_new_tokens, self.max_model_len = max_new_tokens, max_model_len
         self.reader = CacheReader(cfg.path)
+        vocab = self.reader.meta.get("vocab_size") or top_k  # a cache of the whole vocabulary serves any k
+        self.top_k = top_k = min(top_k, vocab)
         if top_k > self.reader.top_k:
             raise ValueError(f"teacher {name!r}: the objective needs top-{top_k}, the cache at {cfg.path} holds "
                              f"top-{self.reader.top_k}; rebuild it with --top-k {top_k}")
