@@ -36,9 +36,8 @@ from __future__ import annotations
 import numpy as np
 
 from buffers.records import ScoredRollout, TeacherScore
+from configs.privileged import DOPD_REGIMES as REGIMES
 from configs.privileged import DOPDRouting
-
-REGIMES = ("wide_teacher_ahead", "wide_student_ahead", "close_teacher_ahead", "close_student_ahead")
 
 
 def route_tokens(teacher_lp_T: np.ndarray, student_lp_T: np.ndarray, rule: DOPDRouting
@@ -67,8 +66,9 @@ def combine(by_teacher: list[ScoredRollout], by_student: list[ScoredRollout], ru
         elif len(a.teacher.logprobs_T) == 0:
             out.append(a)
         else:
-            lp_T, w_T, _ = route_tokens(a.teacher.logprobs_T, b.teacher.logprobs_T, rule)
-            out.append(ScoredRollout(a.verified, TeacherScore(lp_T, weights_T=w_T), a.teacher_name, "ok"))
+            lp_T, w_T, regime_T = route_tokens(a.teacher.logprobs_T, b.teacher.logprobs_T, rule)
+            out.append(ScoredRollout(a.verified, TeacherScore(lp_T, weights_T=w_T, regimes_T=regime_T),
+                                     a.teacher_name, "ok"))
     return out
 
 

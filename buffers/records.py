@@ -122,6 +122,7 @@ class TeacherScore:
     # DOPD routing (actors/dopd.py): each token's advantage weight (None: 1 everywhere); logprobs_T then
     # holds each token's routed source (the privileged teacher's or the privileged student's log-prob)
     weights_T: np.ndarray | None = None
+    regimes_T: np.ndarray | None = None  # DOPD: each token's regime code 0..3 (configs/privileged.py DOPD_REGIMES)
 
 
 @dataclass(frozen=True)

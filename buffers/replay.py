@@ -41,7 +41,7 @@ import numpy as np
 from buffers.balance import balance_group
 from buffers.calibration import calibrate
 from buffers.records import Accounted, Outcome, Prompt, ScoredRollout, TrainBatch, TrainSample
-from buffers.scoring import mix_metrics
+from buffers.scoring import mix_metrics, routing_metrics
 from configs.schema import BufferConfig
 
 
@@ -326,6 +326,7 @@ class ReplayBuffer:
                 # sampled-token estimate of KL(πS ‖ πT) = E_S[log πS − log πT] per token
                 m[f"teacher/{d}/kl"] = float(np.mean(kls))
         m.update(mix_metrics(s for _, s, *_ in flat))  # SPEC §5 teacher weights, §6 extrapolation cliff
+        m.update(routing_metrics(s for _, s, *_ in flat))  # DOPD regime shares
         m["buffer/ready_groups"] = len(self.ready)
         m["batch/responses"], m["batch/tokens"] = float(n_total), float(sum(len(x.response_ids) for x in samples))
         self._last_metrics = m

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from buffers.records import CliffStats, ScoredRollout, TeacherMix, TeacherScore
+from configs.privileged import DOPD_REGIMES
 from configs.schema import ConfidenceWeights, EqualWeights, RunConfig, combination_of, reference_of, teacher_names
 
 # Probabilities are kept inside (ε, 1 − ε) before a logit: a teacher that is certain in float32 (log-prob 0)
@@ -196,6 +197,19 @@ def combine(rule: ScoringRule, per_scorer: list[list[ScoredRollout]]) -> list[Sc
     if any(k != keys[0] for k in keys[1:]):
         raise RuntimeError(f"{rule.domain}: scorers {list(rule.scorers)} answered for different responses")
     return [_combine_one(rule, list(one)) for one in zip(*per_scorer)]
+
+
+def routing_metrics(scored: Iterable[ScoredRollout]) -> dict[str, float]:
+    """DOPD (actors/dopd.py), per domain: ``dopd/<d>/<regime>``, the share of the batch's routed tokens in
+    each regime (token-weighted over the responses; domains without routing report nothing)."""
+    counts: dict[str, np.ndarray] = {}
+    for s in scored:
+        if s.teacher is None or s.teacher.regimes_T is None:
+            continue
+        c = counts.setdefault(s.rollout.prompt.domain, np.zeros(len(DOPD_REGIMES), np.int64))
+        c += np.bincount(np.asarray(s.teacher.regimes_T, np.int64), minlength=len(DOPD_REGIMES))[:len(DOPD_REGIMES)]
+    return {f"dopd/{d}/{name}": float(c[i]) / max(1, int(c.sum())) for d, c in counts.items()
+            for i, name in enumerate(DOPD_REGIMES)}
 
 
 def mix_metrics(scored: Iterable[ScoredRollout]) -> dict[str, float]:

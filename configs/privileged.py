@@ -92,6 +92,9 @@ class DOPDRouting(Section):
                 self.close_student_ahead)
 
 
+# Names of the regime codes 0..3 (actors/dopd.py), as metrics (``dopd/<domain>/<name>``) report them.
+DOPD_REGIMES = ("wide_teacher_ahead", "wide_student_ahead", "close_teacher_ahead", "close_student_ahead")
+
 RoutingConfig = Annotated[NoRouting | DOPDRouting, Field(discriminator="type"), _tagged("none")]
 
 

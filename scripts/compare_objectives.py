@@ -1,6 +1,7 @@
 """The OPD family on one bench: every objective and teacher variant on the demo, same steps, same seeds.
 
     python scripts/compare_objectives.py [--steps 40] [--seeds 0 1] [--only NAME ...] [--out compare_objectives.json]
+                                         [--merge]
 
 Each variant is configs/demo.yaml (math + reversal, the demo's tiny models, η = 0) with the overrides
 listed in ``VARIANTS`` and nothing else changed: no variant is tuned beyond its documented default. The
@@ -95,6 +96,10 @@ VARIANTS: dict[str, tuple[str, Callable[[Path], list[str]]]] = {
              lambda c: [_PG, _with_context(), "teachers=" + _flow(_teachers(c, self=_self_teacher(c))),
                         "domains.math.routing={type: dopd, student: self}",
                         "domains.reverse.routing={type: dopd, student: self}"]),
+    "aligned_prompts": ("the demo's objective (as uniopd_fkl) on teacher-aligned prompts: the half of each "
+                        "domain's training prompts with the largest teacher-minus-student confidence "
+                        "(scripts/select_prompts.py, n = 4)",
+                        lambda c: [f"data.train={_flow(_selection_sources(c))}"]),
     "cache": ("offline teacher cache (Lightning OPD): the SFT responses scored once, no live teacher",
               lambda c: [f"data.train={_flow(_cache_sources(c))}",
                          "teachers=" + _flow({t: {"type": "cache", "path": f"{c}/compare_cache/{d}"}
@@ -130,6 +135,24 @@ def build_caches(cache: Path) -> None:
         write_producer(sft, model_identity(cache / _DEMO[d][1]))
         build_cache(cfg, DataSource.model_validate(src), response_key="response",
                     teacher_path=str(cache / _DEMO[d][1]), out=out / d, top_k=64, producer=read_producer(sft))
+
+
+def _selection_sources(cache: Path) -> list[dict]:
+    return [{**s, "path": f"{cache}/compare_selection/{s['domain']}/selected.parquet"} for s in _train_sources()]
+
+
+def build_selections(cache: Path) -> None:
+    """The ``aligned_prompts`` variant's inputs, once per domain: scripts/select_prompts.py's selection of
+    the demo's training prompts (defaults: n = 4, keep 0.5, teacher confidence ≥ 0.5)."""
+    from actors.prompt_selection import select_prompts
+    from configs.schema import DataSource, load_config
+
+    cfg = load_config(None, ["demo.prepare=false"])
+    for src in _train_sources():
+        out = cache / "compare_selection" / src["domain"]
+        if not (out / "selection.json").is_file():
+            select_prompts(cfg, DataSource.model_validate({**src, "path": str(cache / Path(src["path"]).relative_to(
+                ".cache/demo"))}), out=out)
 
 
 STEP_FIELDS = ("samples_per_s", "train_seconds", "steps")
@@ -182,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these variants only")
     ap.add_argument("--cache-dir", type=Path, default=Path(".cache/demo"), help="the demo's models and data")
     ap.add_argument("--out", default="compare_objectives.json")
+    ap.add_argument("--merge", action="store_true", help="keep --out's other runs (same --steps); replace the "
+                    "variant × seed pairs run now")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("uniopd").setLevel(logging.INFO)
@@ -196,10 +221,25 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(VARIANTS)
     if "cache" in names:
         build_caches(cache)
+    if "aligned_prompts" in names:
+        build_selections(cache)
     results = []
     out = {"settings": {"steps": args.steps, "seeds": args.seeds, "config": "configs/demo.yaml",
                         "variants": {n: {"what": VARIANTS[n][0], "overrides": VARIANTS[n][1](cache)} for n in names}},
            "loadavg_at_start": os.getloadavg(), "results": results}
+    if args.merge and Path(args.out).is_file():  # add to an earlier invocation's file: replace what is re-run
+        old = json.loads(Path(args.out).read_text())
+        if old["settings"]["steps"] != args.steps:
+            raise SystemExit(f"{args.out} holds {old['settings']['steps']}-step runs, not {args.steps}: no --merge")
+        rerun = {(n, s) for n in names for s in args.seeds}
+        results += [r for r in old["results"] if (r["variant"], r["seed"]) not in rerun]
+        out["failed"] = [f for f in old.get("failed", []) if (f["variant"], f["seed"]) not in rerun]
+        out["settings"]["variants"] = old["settings"]["variants"] | out["settings"]["variants"]
+        out["settings"]["seeds"] = sorted(set(old["settings"]["seeds"]) | set(args.seeds))
+        out["invocations"] = [*old.get("invocations", [{"loadavg_at_start": old.get("loadavg_at_start"),
+                                                        "notes": old.get("notes")}]),
+                              {"only": names, "seeds": args.seeds, "loadavg_at_start": os.getloadavg(),
+                               "started": stamp}]
     for seed in args.seeds:  # seed-major: a cut-short invocation still has every variant at the first seed
         for name in names:
             print(f"=== {name} seed {seed}: {VARIANTS[name][0]}", flush=True)

@@ -276,6 +276,20 @@ def test_routed_return_weights_each_tokens_advantage():
     assert teacher.distill_return() == pytest.approx((0.9 - 2.0 + 0.0 - 1.0) / 4, abs=1e-6)  # unrouted
 
 
+def test_regime_shares_are_token_weighted_per_domain_in_the_batch_metrics():
+    from buffers.scoring import routing_metrics
+
+    # response 1: regimes [0, 1, 2, 3] (the rule's hand-computed tokens above, 4 of them); response 2: t − s =
+    # 2.0 and 1.5 → [0, 0]. Tokens: regime 0 ×3, 1 ×1, 2 ×1, 3 ×1 of 6. An unrouted response adds nothing.
+    (r1,) = combine([_scored([-0.1, -3.0, -1.0, -2.0])], [_scored([-2.0, -0.5, -1.5, -1.8])], RULE)
+    (r2,) = combine([_scored([-0.5, -1.0])], [_scored([-2.5, -2.5])], RULE)
+    assert r1.teacher.regimes_T.tolist() == [0, 1, 2, 3]
+    m = routing_metrics([r1, r2, _scored([-1.0, -1.0]), _scored([], "failed")])
+    assert m == pytest.approx({f"dopd/math/{REGIMES[0]}": 3 / 6, f"dopd/math/{REGIMES[1]}": 1 / 6,
+                               f"dopd/math/{REGIMES[2]}": 1 / 6, f"dopd/math/{REGIMES[3]}": 1 / 6})
+    assert routing_metrics([_scored([-1.0])]) == {}
+
+
 def test_a_failed_side_fails_the_routed_rollout_and_empty_ones_pass_through():
     out = combine([_scored([-1.0]), _scored([-1.0], "failed"), _scored([])],
                   [_scored([-1.0], "failed"), _scored([-1.0]), _scored([])], RULE)
