@@ -44,6 +44,7 @@ RESPONSES = "responses.arrow"
 SELECTED = "selected.parquet"
 SCORES = "scores.parquet"
 META = "selection.json"
+_ROWS = 10_000  # source rows rendered per slice
 _SCHEMA = pa.schema([("prompt_row", pa.int32()), ("prompt_ids", pa.list_(pa.int32())),
                      ("response_ids", pa.list_(pa.int32()))])
 
@@ -86,6 +87,7 @@ class SourceRows:
     prompts: list[Prompt]
     where: list[tuple[int, int]]
     tables: list[Any]  # one ``datasets.Dataset`` per file, the source's own columns
+    names: list[str]  # each file's path (or the hub split), for messages
     skipped: int
 
 
@@ -99,24 +101,27 @@ def load_rows(cfg, src) -> SourceRows:
     tok = AutoTokenizer.from_pretrained(cfg.student.path)
     chat = resolve_chat_template(cfg.data.chat_template, tok, cfg.student.path)
     verifiers = {d: c.verifier.type for d, c in cfg.domains.items()}
-    prompts, where, tables, skipped = [], [], [], 0
+    prompts, where, tables, names, skipped = [], [], [], [], 0
     for f, (name, raw) in enumerate(_read_files(src, source_files(src))):
         spec = _RowSpec(src, prompt_format(cfg, src, chat), verifiers, cfg.max_prompt_tokens,
                         src.id_key is not None and src.id_key in raw.column_names)
-        rows = _convert_batch(raw.to_dict(), list(range(len(raw))), spec=spec, tokenizer=tok, where=name)
         tables.append(raw)
-        for i in range(len(raw)):
-            if rows["_error"][i] is not None or rows["_overlong"][i]:
-                if rows["_error"][i]:
-                    log.warning("%s", rows["_error"][i])
-                skipped += 1
-                continue
-            prompts.append(Prompt(id=rows["id"][i], domain=rows["domain"][i], prompt=rows["prompt"][i],
-                                  answer=rows["answer"][i], tests=rows["tests"][i],
-                                  entry_point=rows["entry_point"][i], prompt_ids=tuple(rows["prompt_ids"][i]),
-                                  source=src.label))
-            where.append((f, i))
-    return SourceRows(prompts, where, tables, skipped)
+        names.append(name)
+        for c in range(0, len(raw), _ROWS):  # slices: a large file is never one Python dict of lists
+            idx = list(range(c, min(c + _ROWS, len(raw))))
+            rows = _convert_batch(raw[c:c + _ROWS], idx, spec=spec, tokenizer=tok, where=name)
+            for j, i in enumerate(idx):
+                if rows["_error"][j] is not None or rows["_overlong"][j]:
+                    if rows["_error"][j]:
+                        log.warning("%s", rows["_error"][j])
+                    skipped += 1
+                    continue
+                prompts.append(Prompt(id=rows["id"][j], domain=rows["domain"][j], prompt=rows["prompt"][j],
+                                      answer=rows["answer"][j], tests=rows["tests"][j],
+                                      entry_point=rows["entry_point"][j], prompt_ids=tuple(rows["prompt_ids"][j]),
+                                      source=src.label))
+                where.append((f, i))
+    return SourceRows(prompts, where, tables, names, skipped)
 
 
 def _in_fresh_process(fn, *args, **kw):
@@ -199,7 +204,7 @@ def _check_failures(who: str, failed: int, total: int, limit: float = 0.5) -> No
 
 
 def select_prompts(cfg, src, *, out: str | Path, n: int = 4, keep: float = 0.5, min_teacher_confidence: float = 0.5,
-                   teacher_path: str | None = None, batch: int = 64) -> dict[str, Any]:
+                   teacher_path: str | None = None, batch: int = 256) -> dict[str, Any]:
     """Run the three passes over ``src`` and write the selection (module docstring); returns its summary."""
     import datasets
     import pyarrow.parquet as pq

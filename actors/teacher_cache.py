@@ -247,36 +247,26 @@ def sft_rollouts(cfg, src, response_key: str) -> tuple[list[Rollout], int]:
     own with EOS appended (demo/sft.py). Returns the rollouts and the rows skipped (bad or overlong)."""
     from transformers import AutoTokenizer
 
-    from buffers.dataset import _convert_batch, _read_files, _RowSpec, prompt_format, source_files
-    from buffers.formatting import resolve_chat_template
+    from actors.prompt_selection import load_rows
 
     tok = AutoTokenizer.from_pretrained(cfg.student.path)
-    chat = resolve_chat_template(cfg.data.chat_template, tok, cfg.student.path)
-    verifiers = {d: c.verifier.type for d, c in cfg.domains.items()}
-    out, skipped = [], 0
-    for where, raw in _read_files(src, source_files(src)):
+    rows = load_rows(cfg, src)
+    for name, raw in zip(rows.names, rows.tables, strict=True):
         if response_key not in raw.column_names:
-            raise ValueError(f"{where}: no response column {response_key!r} (columns: {raw.column_names}); "
+            raise ValueError(f"{name}: no response column {response_key!r} (columns: {raw.column_names}); "
                              "pass --response-key")
-        spec = _RowSpec(src, prompt_format(cfg, src, chat), verifiers, cfg.max_prompt_tokens,
-                        src.id_key is not None and src.id_key in raw.column_names)
-        cols = raw.to_dict()
-        rows = _convert_batch(cols, list(range(len(raw))), spec=spec, tokenizer=tok, where=where)
-        texts = cols[response_key]  # a list (indexing a datasets table gives a lazy Column the tokenizer refuses)
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise ValueError(f"{where}: row {bad}: the response column {response_key!r} holds "
-                             f"{type(texts[bad]).__name__}, not text; fix the row or pass --response-key")
-        resp_ids = tok(texts, add_special_tokens=False)["input_ids"]
-        for i in range(len(raw)):
-            if rows["_error"][i] is not None or rows["_overlong"][i]:
-                skipped += 1
-                continue
-            p = Prompt(id=rows["id"][i], domain=rows["domain"][i], prompt=rows["prompt"][i],
-                       answer=rows["answer"][i], tests=rows["tests"][i], entry_point=rows["entry_point"][i],
-                       prompt_ids=tuple(rows["prompt_ids"][i]), source=src.label)
-            ids = list(resp_ids[i]) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-            out.append(Rollout(p, 0, list(p.prompt_ids), ids, np.zeros(0, np.float32), 0, texts[i], "stop"))
+    texts_of = [list(raw[response_key]) for raw in rows.tables]  # lists: the tokenizer refuses a lazy Column
+    texts = [texts_of[f][i] for f, i in rows.where]
+    bad = next((k for k, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        f, i = rows.where[bad]
+        raise ValueError(f"{rows.names[f]}: row {i}: the response column {response_key!r} holds "
+                         f"{type(texts[bad]).__name__}, not text; fix the row or pass --response-key")
+    resp_ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    out = [Rollout(p, 0, list(p.prompt_ids), list(ids) + eos, np.zeros(0, np.float32), 0, t, "stop")
+           for p, ids, t in zip(rows.prompts, resp_ids, texts, strict=True)]
+    skipped = rows.skipped
     return out, skipped
 
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-teacher-confidence", type=float, default=0.5,
                     help="eligible prompts: the teacher's mean modal probability at least this")
     ap.add_argument("--teacher-path", help="score every domain with this model instead of the config's teachers")
-    ap.add_argument("--batch", type=int, default=64, help="prompts per sampler call, responses per scoring call")
+    ap.add_argument("--batch", type=int, default=256, help="prompts per sampler call, responses per scoring call")
     args, overrides = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -79,3 +79,25 @@ def test_selection_on_the_tiny_demo_writes_a_trainable_half(tiny_demo, tmp_path)
     assert len(next(t for t in train if t.source.domain == "reverse")) == meta["selected"]
     assert json.loads((tmp_path / "sel/selection.json").read_text())["selected"] == meta["selected"]
     assert not (tmp_path / "sel/responses.arrow").exists()
+
+
+def test_source_rows_keep_file_and_row_and_the_cache_builder_names_a_bad_response_column(tiny_demo, tmp_path):
+    from actors.prompt_selection import load_rows
+    from actors.teacher_cache import sft_rollouts
+    from configs.schema import DataSource
+    from tests.conftest import demo_overrides
+
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"reverse: ab{i}"}], "answer": f"{i}ba",
+             "response": f"{i}ba"} for i in range(3)]
+    rows[1]["messages"] = []  # a bad row: skipped and counted, the others keep their file and row
+    f = tmp_path / "sft.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, demo_overrides(tiny_demo))
+    src = DataSource(path=str(f), domain="reverse", prompt_key="messages")
+    got = load_rows(cfg, src)
+    assert [p.id for p in got.prompts] == ["r0", "r2"] and got.where == [(0, 0), (0, 2)] and got.skipped == 1
+    assert got.names == [str(f)]
+    rolls, skipped = sft_rollouts(cfg, src, "response")
+    assert [r.text for r in rolls] == ["0ba", "2ba"] and skipped == 1
+    with pytest.raises(ValueError, match=f"{f}: no response column 'reply'.*--response-key"):
+        sft_rollouts(cfg, src, "reply")
