@@ -19,14 +19,12 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.teacher_cache import build_cache  # noqa: E402
 from actors.teacher_identity import read_producer  # noqa: E402
-from configs.schema import ConfigError, DataSource, load_config  # noqa: E402
 from configs.teachers import TeacherConsistencyError  # noqa: E402
+from scripts.offline import config_and_source  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,12 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, help="longest prompt + response (default: the longest)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args, overrides = ap.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, overrides)
-        src = DataSource.model_validate(yaml.safe_load(args.source))
-    except (ConfigError, ValueError) as e:
-        print(e, file=sys.stderr)
+    loaded = config_and_source(args.config, overrides, args.source)
+    if loaded is None:
+        return 2
+    cfg, src = loaded
+    if not Path(args.teacher_path).is_dir():
+        print(f"--teacher-path {args.teacher_path}: not a model directory (config.json, weights, tokenizer)",
+              file=sys.stderr)
         return 2
     producer = json.loads(Path(args.producer).read_text()) if args.producer else read_producer(src.path)
     if producer is None:
@@ -59,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                            max_model_len=args.max_model_len, dtype=args.dtype)
     except TeacherConsistencyError as e:
         print(f"refused: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:  # bad rows, columns or paths: the message names them
+        print(e, file=sys.stderr)
         return 2
     print(json.dumps({k: meta[k] for k in ("rows", "top_k", "skipped_rows", "score_seconds")}))
     return 0

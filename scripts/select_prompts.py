@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
-
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.prompt_selection import select_prompts  # noqa: E402
-from configs.schema import ConfigError, DataSource, load_config  # noqa: E402
+from scripts.offline import config_and_source  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,18 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-path", help="score every domain with this model instead of the config's teachers")
     ap.add_argument("--batch", type=int, default=256, help="prompts per sampler call, responses per scoring call")
     args, overrides = ap.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, overrides)
-        src = DataSource.model_validate(yaml.safe_load(args.source))
-    except (ConfigError, ValueError) as e:
-        print(e, file=sys.stderr)
+    loaded = config_and_source(args.config, overrides, args.source)
+    if loaded is None:
         return 2
+    cfg, src = loaded
     try:
         meta = select_prompts(cfg, src, out=args.out, n=args.n, keep=args.keep,
                               min_teacher_confidence=args.min_teacher_confidence, teacher_path=args.teacher_path,
                               batch=args.batch)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # bad rows, columns or paths: the message names them
         print(e, file=sys.stderr)
         return 2
     print(json.dumps({k: meta[k] for k in ("prompts", "eligible", "selected", "selected_path", "mean_confidence",

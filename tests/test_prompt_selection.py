@@ -101,3 +101,19 @@ def test_source_rows_keep_file_and_row_and_the_cache_builder_names_a_bad_respons
     assert [r.text for r in rolls] == ["0ba", "2ba"] and skipped == 1
     with pytest.raises(ValueError, match=f"{f}: no response column 'reply'.*--response-key"):
         sft_rollouts(cfg, src, "reply")
+
+
+def test_the_offline_scripts_refuse_bad_input_with_exit_code_2(capsys, tmp_path):
+    from scripts import cache_teacher, select_prompts
+
+    assert select_prompts.main(["configs/demo.yaml", "--source", "{path: x}", "--out", str(tmp_path)]) == 2
+    assert "set exactly one of `domain`" in capsys.readouterr().err
+    assert select_prompts.main(["configs/demo.yaml", "--source", f"{{path: {tmp_path}/none, domain: math}}",
+                                "--out", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path}/none" in capsys.readouterr().err
+    assert cache_teacher.main(["configs/demo.yaml", "--source", "{path: x, domain: math}", "--teacher-path",
+                               str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert cache_teacher.main(["configs/demo.yaml", "--source", f"{{path: {tmp_path}/none, domain: math}}",
+                               "--teacher-path", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    assert "no weight files" in capsys.readouterr().err  # the teacher is identified (hashed) first
