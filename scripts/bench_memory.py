@@ -15,6 +15,7 @@ shorter one, scaled linearly, fits in 80% of the memory available at that moment
 reported as skipped, with the reason. Writes ``bench_memory.json`` and prints a table.
 
     .venv/bin/python scripts/bench_memory.py [--lengths 1024 4096 16384] [--out bench_memory.json]
+    .venv/bin/python scripts/bench_memory.py --overlap-ab --lengths 4096 16384 --out bench_overlap.json
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _full_logits_learner_cls():
     return FullLogitsLearner
 
 
-def child(path: str, n_tokens: int, model_dir: str, chunk: int) -> dict:
+def child(path: str, n_tokens: int, model_dir: str, chunk: int, overlap: bool = True) -> dict:
     import ctypes
     import gc
 
@@ -113,7 +114,7 @@ def child(path: str, n_tokens: int, model_dir: str, chunk: int) -> dict:
     from learner.learner import Learner, free_port
 
     cfg = LearnerConfig(lr=1e-4, num_cpus=2, zero_stage=0, attn_implementation="sdpa", logit_chunk_tokens=chunk,
-                        max_tokens_per_micro_batch=16384,
+                        max_tokens_per_micro_batch=16384, topk_overlap_metrics=overlap,
                         objective=ForwardKLTopK(weight=0.5, top_k=TOP_K, pg=PolicyGradientTerm(weight=1.0)))
     cls = _full_logits_learner_cls() if path == "before" else Learner
     learner = cls(model_dir, cfg, rank=0, world_size=1, seed=0, total_steps=10)
@@ -129,7 +130,7 @@ def child(path: str, n_tokens: int, model_dir: str, chunk: int) -> dict:
     peak = _proc_status("VmHWM") - base
     return {"path": path, "tokens": n_tokens, "prompt_tokens": PROMPT_TOKENS, "peak_bytes": peak,
             "bytes_per_token": peak / n_tokens, "baseline_rss_bytes": base, "step_s": round(dt, 3),
-            "loss": m["loss"], "params": n_params, "torch_threads": torch.get_num_threads()}
+            "loss": m["loss"], "params": n_params, "torch_threads": torch.get_num_threads(), "overlap": overlap}
 
 
 # ------------------------------------------------------------------ parent: plan, spawn, report
@@ -150,8 +151,9 @@ def mem_available() -> int:
     return int(re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M).group(1)) * 1024
 
 
-def measure(path: str, n: int, model_dir: Path, chunk: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", path, str(n), "--model", str(model_dir), "--chunk", str(chunk)]
+def measure(path: str, n: int, model_dir: Path, chunk: int, overlap: bool = True) -> dict:
+    cmd = [sys.executable, __file__, "--child", path, str(n), "--model", str(model_dir), "--chunk", str(chunk),
+           *([] if overlap else ["--no-overlap"])]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     line = next((ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("{")), None)
@@ -168,11 +170,18 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1024, help="learner.logit_chunk_tokens of the 'after' path")
     ap.add_argument("--out", default=str(REPO / "bench_memory.json"))
     ap.add_argument("--model-dir", default=str(REPO / ".cache" / "bench_memory" / "student"))
+    ap.add_argument("--overlap-ab", action="store_true", help="measure the 'after' path with the top-k overlap "
+                    "diagnostics (learner.topk_overlap_metrics) off and on at each length; writes --out with both")
+    ap.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=2, metavar=("PATH", "TOKENS"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.model, args.chunk)), flush=True)
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.model, args.chunk, not args.no_overlap)),
+              flush=True)
+        return
+    if args.overlap_ab:
+        overlap_ab(sorted(args.lengths), args)
         return
 
     lengths = sorted(args.lengths)
@@ -234,6 +243,30 @@ def main() -> None:
     for path, v in slopes.items():
         print(f"slope 4k→16k ({path}): {v:,.0f} bytes/token ({v / 2**10:.2f} KiB/token)")
     print(f"targets: {report['targets']}  → {args.out}")
+
+
+def overlap_ab(lengths: list[int], args) -> None:
+    """The cost of the "Rethinking OPD" diagnostics (the student's top-k from the chunked head, set
+    membership, two masses) at V = 151,936: the same step with them off and on, one length at a time."""
+    model_dir = build_student(Path(args.model_dir), -(-(max(lengths) + PROMPT_TOKENS) // 1024) * 1024)
+    rows = []
+    for n in lengths:
+        off, on = (measure("after", n, model_dir, args.chunk, overlap=o) for o in (False, True))
+        if "error" in off or "error" in on:
+            print(f"fail {n}: {off.get('error') or on.get('error')}", flush=True)
+            continue
+        rows.append({"tokens": n, "step_s_off": off["step_s"], "step_s_on": on["step_s"],
+                     "peak_bytes_off": off["peak_bytes"], "peak_bytes_on": on["peak_bytes"],
+                     "step_ratio": on["step_s"] / off["step_s"], "peak_ratio": on["peak_bytes"] / off["peak_bytes"]})
+        r = rows[-1]
+        print(f"{n:>6} tokens: step {r['step_s_off']:.2f} s → {r['step_s_on']:.2f} s ({r['step_ratio']:.3f}×), "
+              f"peak {r['peak_bytes_off'] / 2**20:.0f} → {r['peak_bytes_on'] / 2**20:.0f} MiB "
+              f"({r['peak_ratio']:.3f}×)", flush=True)
+    Path(args.out).write_text(json.dumps({
+        "what": "one 'after' train step (V = 151,936, top-k term k = 32 + SPEC §1 term) with "
+                "learner.topk_overlap_metrics off and on; peak = VmHWM growth as in bench_memory.json",
+        "logit_chunk_tokens": args.chunk, "top_k": TOP_K, "results": rows}, indent=2) + "\n")
+    print(f"→ {args.out}")
 
 
 if __name__ == "__main__":
