@@ -185,7 +185,7 @@ def table(results: list[dict], steps: int) -> str:
     domains = sorted({d for r in results for acc in r["accuracy_at"].values() for d in acc})
     head = ["variant"] + [f"{d} @{m}" for d in domains for m in marks] + ["responses/s", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for name in dict.fromkeys(r["variant"] for r in results):
+    for name in [n for n in VARIANTS if any(r["variant"] == n for r in results)]:  # VARIANTS' order
         rs = [r for r in results if r["variant"] == name]
         cells = [name]
         for d in domains:
