@@ -196,6 +196,11 @@ def teacher_of(cfg, domain: str, teacher_path: str | None):
     return name, tc
 
 
+def _need_model_dir(key: str, path: str) -> None:
+    if not Path(path, "config.json").is_file():
+        raise FileNotFoundError(f"{key} is {path!r}: no config.json there; point it at a Hugging Face model directory")
+
+
 def _check_failures(who: str, failed: int, total: int, limit: float = 0.5) -> None:
     """Stop when a model fails on most responses: its confidences would rest on a few survivors."""
     if total and failed > limit * total:
@@ -211,6 +216,10 @@ def select_prompts(cfg, src, *, out: str | Path, n: int = 4, keep: float = 0.5, 
 
     from configs.schema import TeacherConfig
 
+    from buffers.dataset import source_files
+
+    source_files(src)  # a missing path fails here, naming it, before any model is loaded
+    _need_model_dir("`student.path`", cfg.student.path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)
@@ -218,6 +227,9 @@ def select_prompts(cfg, src, *, out: str | Path, n: int = 4, keep: float = 0.5, 
     rows = load_rows(cfg, src)
     if not rows.prompts:
         raise ValueError(f"source {src.label!r}: no valid prompt to select from ({rows.skipped} rows skipped)")
+    for d in sorted({p.domain for p in rows.prompts}):  # every teacher checked before the student samples
+        name, tc = teacher_of(cfg, d, teacher_path)
+        _need_model_dir("--teacher-path" if teacher_path else f"`teachers.{name}.path`", tc.path)
     sampled = _in_fresh_process(sample_responses, cfg, rows.prompts, n, out, batch)
     max_len = cfg.sampler.max_model_len
     s = cfg.sampler

@@ -8,6 +8,8 @@ import json
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from actors.prompt_selection import ConfidenceSums, select, teacher_of
@@ -111,6 +113,11 @@ def test_the_offline_scripts_refuse_bad_input_with_exit_code_2(capsys, tmp_path)
     assert select_prompts.main(["configs/demo.yaml", "--source", f"{{path: {tmp_path}/none, domain: math}}",
                                 "--out", str(tmp_path / "o")]) == 2
     assert f"{tmp_path}/none" in capsys.readouterr().err
+    (tmp_path / "rows").mkdir()
+    pq.write_table(pa.table({"question": ["1+1"], "final_answer": ["2"]}), tmp_path / "rows" / "a.parquet")
+    assert select_prompts.main(["configs/demo.yaml", "--source", f"{{path: {tmp_path}/rows, domain: math}}",
+                                "--out", str(tmp_path / "o"), f"student.path={tmp_path}/no_student"]) == 2
+    assert f"`student.path` is '{tmp_path}/no_student': no config.json" in capsys.readouterr().err
     assert cache_teacher.main(["configs/demo.yaml", "--source", "{path: x, domain: math}", "--teacher-path",
                                str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
     assert "not a model directory" in capsys.readouterr().err
