@@ -89,6 +89,7 @@ class SourceRows:
     tables: list[Any]  # one ``datasets.Dataset`` per file, the source's own columns
     names: list[str]  # each file's path (or the hub split), for messages
     skipped: int
+    tokenizer: Any  # the student's, as loaded for rendering
 
 
 def load_rows(cfg, src) -> SourceRows:
@@ -121,7 +122,7 @@ def load_rows(cfg, src) -> SourceRows:
                                       entry_point=rows["entry_point"][j], prompt_ids=tuple(rows["prompt_ids"][j]),
                                       source=src.label))
                 where.append((f, i))
-    return SourceRows(prompts, where, tables, names, skipped)
+    return SourceRows(prompts, where, tables, names, skipped, tok)
 
 
 def _in_fresh_process(fn, *args, **kw):
@@ -197,8 +198,10 @@ def teacher_of(cfg, domain: str, teacher_path: str | None):
 
 
 def _need_model_dir(key: str, path: str) -> None:
-    if not Path(path, "config.json").is_file():
-        raise FileNotFoundError(f"{key} is {path!r}: no config.json there; point it at a Hugging Face model directory")
+    from configs.schema import model_dir_problem
+
+    if problem := model_dir_problem(key, path):
+        raise FileNotFoundError(problem)
 
 
 def _check_failures(who: str, failed: int, total: int, limit: float = 0.5) -> None:
@@ -214,9 +217,8 @@ def select_prompts(cfg, src, *, out: str | Path, n: int = 4, keep: float = 0.5, 
     import datasets
     import pyarrow.parquet as pq
 
-    from configs.schema import TeacherConfig
-
     from buffers.dataset import source_files
+    from configs.schema import TeacherConfig
 
     source_files(src)  # a missing path fails here, naming it, before any model is loaded
     _need_model_dir("`student.path`", cfg.student.path)
@@ -227,8 +229,8 @@ def select_prompts(cfg, src, *, out: str | Path, n: int = 4, keep: float = 0.5, 
     rows = load_rows(cfg, src)
     if not rows.prompts:
         raise ValueError(f"source {src.label!r}: no valid prompt to select from ({rows.skipped} rows skipped)")
-    for d in sorted({p.domain for p in rows.prompts}):  # every teacher checked before the student samples
-        name, tc = teacher_of(cfg, d, teacher_path)
+    scorers = {d: teacher_of(cfg, d, teacher_path) for d in sorted({p.domain for p in rows.prompts})}
+    for name, tc in scorers.values():  # every teacher checked before the student samples
         _need_model_dir("--teacher-path" if teacher_path else f"`teachers.{name}.path`", tc.path)
     sampled = _in_fresh_process(sample_responses, cfg, rows.prompts, n, out, batch)
     max_len = cfg.sampler.max_model_len
@@ -239,8 +241,7 @@ def select_prompts(cfg, src, *, out: str | Path, n: int = 4, keep: float = 0.5, 
     _check_failures("the student", c_s.failed, sampled)
     c_t_mean = np.full(len(rows.prompts), np.nan)
     teachers, failed_t = {}, 0
-    for d in sorted({p.domain for p in rows.prompts}):
-        name, tc = teacher_of(cfg, d, teacher_path)
+    for d, (name, tc) in scorers.items():
         teachers[d] = {"name": name, "path": tc.path}
         mask = np.array([p.domain == d for p in rows.prompts])
         sums = _in_fresh_process(confidence, name, tc, rows.prompts, out, max_model_len=tc.max_model_len or max_len,

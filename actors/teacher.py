@@ -112,7 +112,8 @@ class Teacher(WeightReceiver):
         # See _score_chunk: the fixed-id path (prompt_logprob_start) only exists on vLLM's V2 model
         # runner and only for top_k == 0; it is checked against the full path before it is used.
         self._use_start = self.top_k == 0 and self._start_path_works()
-        self._warm_up()
+        if not self._use_start:  # the start path's probe has already sent both kinds of request
+            self._warm_up()
 
     # -- engine -------------------------------------------------------------------------------
     @staticmethod
@@ -270,9 +271,8 @@ class Teacher(WeightReceiver):
             return False
         from vllm import SamplingParams, TokensPrompt
 
-        n = max(2, min(12, self.max_model_len))
-        ids = [(7 * i + 3) % self.vocab_size for i in range(n)]
-        P = n // 2
+        ids = self._probe_ids()
+        n, P = len(ids), len(ids) // 2
         try:
             full = self.llm.generate([TokensPrompt(prompt_token_ids=ids)],
                                      SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
@@ -293,18 +293,19 @@ class Teacher(WeightReceiver):
         log.info("teacher %s: scoring response positions only (prompt_logprob_start)", self.name)
         return True
 
+    def _probe_ids(self) -> list[int]:
+        n = max(2, min(12, self.max_model_len))
+        return [(7 * i + 3) % self.vocab_size for i in range(n)]
+
     def _warm_up(self) -> None:
-        """One probe sequence through the scoring path chosen above, before the first step: the engine's first
+        """One probe sequence through the full scoring path, before the first step: the engine's first
         prompt-log-prob request pays one-off set-up (measured on the demo's CPU engines: 1.9 s for the first
         128-response score, 0.12 s after; 1.7 s here instead). Paid at start-up, not inside step 1."""
         from vllm import SamplingParams, TokensPrompt
 
         t0 = time.perf_counter()
-        n = max(2, min(12, self.max_model_len))
-        ids = [(7 * i + 3) % self.vocab_size for i in range(n)]
-        params = (self._start_params(ids[:n // 2], ids[n // 2:]) if self._use_start else
-                  SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, detokenize=False, flat_logprobs=True))
-        self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, detokenize=False, flat_logprobs=True)
+        self.llm.generate([TokensPrompt(prompt_token_ids=self._probe_ids())], params, use_tqdm=False)
         log.info("teacher %s: warmed up in %.1fs", self.name, time.perf_counter() - t0)
 
     def score(self, rollouts: list[VerifiedRollout]) -> list[ScoredRollout]:

@@ -245,12 +245,10 @@ def sft_rollouts(cfg, src, response_key: str) -> tuple[list[Rollout], int]:
     """The SFT source's rows as rollouts: prompts rendered as the pipeline renders them (the run's student
     tokenizer, chat template, system prompt and template: buffers/dataset.py), each response tokenized on its
     own with EOS appended (demo/sft.py). Returns the rollouts and the rows skipped (bad or overlong)."""
-    from transformers import AutoTokenizer
-
     from actors.prompt_selection import load_rows
 
-    tok = AutoTokenizer.from_pretrained(cfg.student.path)
     rows = load_rows(cfg, src)
+    tok = rows.tokenizer
     for name, raw in zip(rows.names, rows.tables, strict=True):
         if response_key not in raw.column_names:
             raise ValueError(f"{name}: no response column {response_key!r} (columns: {raw.column_names}); "
@@ -266,8 +264,7 @@ def sft_rollouts(cfg, src, response_key: str) -> tuple[list[Rollout], int]:
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     out = [Rollout(p, 0, list(p.prompt_ids), list(ids) + eos, np.zeros(0, np.float32), 0, t, "stop")
            for p, ids, t in zip(rows.prompts, resp_ids, texts, strict=True)]
-    skipped = rows.skipped
-    return out, skipped
+    return out, rows.skipped
 
 
 def build_cache(cfg, src, *, response_key: str, teacher_path: str, out: str | Path, top_k: int = 0,

@@ -558,18 +558,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(_format_error(e, str(path), tree)) from None
 
 
+def model_dir_problem(key: str, path: str) -> str | None:
+    """What is wrong with ``path`` as a Hugging Face model directory (no config.json), or None."""
+    if Path(path, "config.json").is_file():
+        return None
+    return f"{key} is {path!r}: no config.json there; point it at a HF model dir"
+
+
 def check_paths(cfg: RunConfig, only_existing: bool = False) -> list[str]:
     """Model and data paths exist (after the demo preparation, which may create them). With
     ``only_existing`` (``--dry-run`` on a machine that lacks the cluster's storage) a missing path is
     returned as a note instead of an error; paths that do exist are still checked."""
-    problems = []
-    if not Path(cfg.student.path, "config.json").is_file():
-        problems.append(f"`student.path` is {cfg.student.path!r}: no config.json there; point it at a HF model dir")
+    problems = [m for m in [model_dir_problem("`student.path`", cfg.student.path)] if m]
     for name, t in cfg.teachers.items():
         if isinstance(t, CacheTeacher):
             problems += t.problems(name, cfg.learner.objective.top_k if cfg.needs_topk else 0)
-        elif not Path(t.path, "config.json").is_file():
-            problems.append(f"`teachers.{name}.path` is {t.path!r}: no config.json there; point it at a HF model dir")
+        elif m := model_dir_problem(f"`teachers.{name}.path`", t.path):
+            problems.append(m)
     from buffers.dataset import source_files  # datasets is imported only when paths are checked
 
     for key in ("train", "heldout"):
