@@ -48,54 +48,63 @@ class LearnerBatch:
 
 def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> LearnerBatch:
     """Right-padded prompt+response sequences and response-aligned token tensors. ``top_k`` (0: none) is
-    capped at what the teacher returned."""
+    capped at what the teacher returned.
+
+    Filled as numpy arrays and handed to torch once per field (``torch.from_numpy``, no copy): a torch
+    slice assignment per sample and field costs ~10 µs of dispatch each, which at the demo's 128
+    responses of ~30 tokens was 14.5 ms a step, more than copying the data."""
     B = len(samples)
     # The teacher may return fewer than top_k (top_k > vocab): never pad categories with fake ids.
     top_k = min([top_k] + [s.topk_ids_TK.shape[1] for s in samples if s.topk_ids_TK is not None]) if top_k else 0
     L = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     T = max(1, max(len(s.response_ids) for s in samples))
-    ids_BL = torch.full((B, L), pad_id, dtype=torch.long)
-    attn_BL = torch.zeros((B, L), dtype=torch.long)
-    pos_BT = torch.zeros((B, T), dtype=torch.long)
-    resp_BT = torch.full((B, T), pad_id, dtype=torch.long)
-    mask_BT = torch.zeros((B, T))
-    behave_BT = torch.zeros((B, T))
-    teacher_BT = torch.zeros((B, T))
-    has_teacher_B = torch.zeros(B)
-    shift_B = torch.zeros(B)
-    weight_B = torch.zeros(B)
-    excluded_B = torch.tensor([float(s.excluded) for s in samples])
-    topk_ids = torch.zeros((B, T, top_k), dtype=torch.long) if top_k else None
-    topk_lp = torch.zeros((B, T, top_k)) if top_k else None
-    has_topk_B = torch.zeros(B)
-    teacher_w_BT = torch.ones((B, T)) if any(s.teacher_weights_T is not None for s in samples) else None
+    ids_BL = np.full((B, L), pad_id, dtype=np.int64)
+    attn_BL = np.zeros((B, L), dtype=np.int64)
+    pos_BT = np.zeros((B, T), dtype=np.int64)
+    resp_BT = np.full((B, T), pad_id, dtype=np.int64)
+    mask_BT = np.zeros((B, T), dtype=np.float32)
+    behave_BT = np.zeros((B, T), dtype=np.float32)
+    teacher_BT = np.zeros((B, T), dtype=np.float32)
+    has_teacher_B = np.zeros(B, dtype=np.float32)
+    shift_B = np.zeros(B, dtype=np.float32)
+    weight_B = np.zeros(B, dtype=np.float32)
+    excluded_B = np.array([float(s.excluded) for s in samples], dtype=np.float32)
+    topk_ids = np.zeros((B, T, top_k), dtype=np.int64) if top_k else None
+    topk_lp = np.zeros((B, T, top_k), dtype=np.float32) if top_k else None
+    has_topk_B = np.zeros(B, dtype=np.float32)
+    teacher_w_BT = np.ones((B, T), dtype=np.float32) if any(s.teacher_weights_T is not None for s in samples) \
+        else None
     for i, s in enumerate(samples):
         P, t = len(s.prompt_ids), len(s.response_ids)
-        ids_BL[i, : P + t] = torch.tensor(s.prompt_ids + s.response_ids)
+        ids_BL[i, :P] = s.prompt_ids
+        ids_BL[i, P : P + t] = s.response_ids
         attn_BL[i, : P + t] = 1
         if t == 0:
             continue
         # logits at position P-1+j predict response token j
-        pos_BT[i, :t] = torch.arange(P - 1, P - 1 + t)
-        resp_BT[i, :t] = torch.tensor(s.response_ids)
+        pos_BT[i, :t] = np.arange(P - 1, P - 1 + t)
+        resp_BT[i, :t] = s.response_ids
         mask_BT[i, :t] = 1
-        behave_BT[i, :t] = torch.from_numpy(np.array(s.behaviour_logprobs_T))
+        behave_BT[i, :t] = s.behaviour_logprobs_T
         shift_B[i] = s.advantage_shift
         weight_B[i] = s.weight
         if s.teacher_logprobs_T is not None:
-            teacher_BT[i, :t] = torch.from_numpy(np.array(s.teacher_logprobs_T))
+            teacher_BT[i, :t] = s.teacher_logprobs_T
             has_teacher_B[i] = 1
         if teacher_w_BT is not None and s.teacher_weights_T is not None:
-            teacher_w_BT[i, :t] = torch.from_numpy(np.array(s.teacher_weights_T))
+            teacher_w_BT[i, :t] = s.teacher_weights_T
         if top_k and s.topk_ids_TK is not None:
-            topk_ids[i, :t] = torch.from_numpy(s.topk_ids_TK[:, :top_k].astype(np.int64))
-            topk_lp[i, :t] = torch.from_numpy(np.array(s.topk_logprobs_TK[:, :top_k]))
+            topk_ids[i, :t] = s.topk_ids_TK[:, :top_k]
+            topk_lp[i, :t] = s.topk_logprobs_TK[:, :top_k]
             has_topk_B[i] = 1
-    return LearnerBatch(ids_BL=ids_BL, attn_BL=attn_BL, pos_BT=pos_BT, resp_BT=resp_BT, mask_BT=mask_BT,
-                        behave_BT=behave_BT, teacher_BT=teacher_BT, has_teacher_B=has_teacher_B, shift_B=shift_B,
-                        weight_B=weight_B, excluded_B=excluded_B, topk_ids_BTK=topk_ids, topk_lp_BTK=topk_lp,
-                        has_topk_B=has_topk_B, raw_behave_B=torch.tensor([float(s.behaviour_raw) for s in samples]),
-                        teacher_w_BT=teacher_w_BT)
+    t_ = torch.from_numpy
+    return LearnerBatch(ids_BL=t_(ids_BL), attn_BL=t_(attn_BL), pos_BT=t_(pos_BT), resp_BT=t_(resp_BT),
+                        mask_BT=t_(mask_BT), behave_BT=t_(behave_BT), teacher_BT=t_(teacher_BT),
+                        has_teacher_B=t_(has_teacher_B), shift_B=t_(shift_B), weight_B=t_(weight_B),
+                        excluded_B=t_(excluded_B), topk_ids_BTK=None if topk_ids is None else t_(topk_ids),
+                        topk_lp_BTK=None if topk_lp is None else t_(topk_lp), has_topk_B=t_(has_topk_B),
+                        raw_behave_B=t_(np.array([float(s.behaviour_raw) for s in samples], dtype=np.float32)),
+                        teacher_w_BT=None if teacher_w_BT is None else t_(teacher_w_BT))
 
 
 def plan_micro_batches(lengths: list[int], world_size: int, max_tokens: int,
