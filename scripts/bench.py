@@ -16,7 +16,10 @@ what bounds it. ``sync_cpu_bound`` is the most any overlap could give on this ma
 synchronous step time over the time its own CPU work takes when spread over every core;
 ``core_contention`` measures what the cores charge for running work side by side (the same
 single-threaded compute, alone and one copy per core), and ``sync_cpu_bound_with_contention``
-divides the bound by that factor.
+divides the bound by that factor. That probe's matmuls stay in a core's own caches; the stages do
+not, so ``core_contention_student`` runs the same test on the student's own train step (its
+weights, optimizer state and activations go through the shared caches and memory), and
+``sync_cpu_bound_with_student_contention`` divides the bound by that factor.
 
 ``breakdown`` (per pipeline mode) accounts for every core-second of a step: the machine's
 cores × step time = idle + the CPU time of every process, sampled from /proc every 0.25 s
@@ -257,32 +260,54 @@ def run_mode(config, overrides, name: str, steps: int, lag: int, cpu: CpuSampler
     return out
 
 
-def _contention_worker(seconds: float, out) -> None:
-    """One thread of small-model compute (the stages' kind: fp32 matmuls of a 128-wide model) for
-    ``seconds`` of wall time; puts (units of work, CPU seconds) on ``out``."""
+def _contention_worker(seconds: float, out, model: tuple[str, int, int] | None = None) -> None:
+    """One thread of compute for ``seconds`` of wall time; puts (units of work, CPU seconds) on ``out``.
+    Without ``model``: small fp32 matmuls of a 128-wide model that stay in a core's own caches. With
+    ``model`` = (path, B, L): one unit is the student's own train step (forward, backward, AdamW) on a
+    B × L batch, whose weights, optimizer state and activations (tens of MB for the demo's student)
+    go through the caches and memory the cores share, as the pipeline's stages do."""
     import torch
 
     torch.set_num_threads(1)
-    x, w = torch.randn(512, 128), torch.randn(128, 128)
+    if model is None:
+        x, w = torch.randn(512, 128), torch.randn(128, 128)
+
+        def unit() -> None:
+            y = x
+            for _ in range(20):
+                y = torch.tanh(y @ w) * 0.5
+    else:
+        from transformers import AutoModelForCausalLM
+
+        path, B, L = model
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        opt = torch.optim.AdamW(lm.parameters(), lr=1e-5)
+        ids = torch.randint(0, lm.config.vocab_size, (B, L))
+
+        def unit() -> None:
+            lm(input_ids=ids).logits.logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    unit()  # first-call set-up out of the measurement
     t_end, units, c0 = time.perf_counter() + seconds, 0, time.process_time()
     while time.perf_counter() < t_end:
-        for _ in range(20):
-            x = torch.tanh(x @ w) * 0.5
+        unit()
         units += 1
     out.put((units, time.process_time() - c0))
 
 
-def measure_core_contention(seconds: float = 8.0) -> dict[str, float]:
+def measure_core_contention(seconds: float = 8.0, model: tuple[str, int, int] | None = None) -> dict[str, float]:
     """CPU seconds per unit of the same single-threaded work, alone and with one copy per core
     running at once: what the cores themselves charge for overlap (shared caches, memory
-    bandwidth, a host that maps vCPUs onto hyperthreads), whatever the pipeline does."""
+    bandwidth, a host that maps vCPUs onto hyperthreads), whatever the pipeline does. ``model``:
+    the work is the student's train step (``_contention_worker``) instead of cache-resident matmuls."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     per_unit = {}
     for k in (1, os.cpu_count() or 1):
         q = ctx.Queue()
-        ps = [ctx.Process(target=_contention_worker, args=(seconds, q)) for _ in range(k)]
+        ps = [ctx.Process(target=_contention_worker, args=(seconds, q, model)) for _ in range(k)]
         for p in ps:
             p.start()
         res = [q.get() for _ in ps]
@@ -292,6 +317,21 @@ def measure_core_contention(seconds: float = 8.0) -> dict[str, float]:
     alone, together = per_unit[1], per_unit[max(per_unit)]
     return {"cpu_s_per_unit_alone": alone, "cpu_s_per_unit_all_cores": together,
             "contention_factor": together / alone}
+
+
+def student_probe(cfg) -> tuple[str, int, int] | None:
+    """The contention probe's batch: one step's responses at half the sampler's context, capped at 4,096
+    tokens; None (no probe) for a student over 50M parameters, whose CPU step would take minutes."""
+    import json as _json
+
+    c = _json.loads((Path(cfg.student.path) / "config.json").read_text())
+    h, n, v, i = c.get("hidden_size", 0), c.get("num_hidden_layers", 0), c.get("vocab_size", 0), \
+        c.get("intermediate_size", 0)
+    if 2 * v * h + n * (4 * h * h + 3 * h * i) > 50e6:
+        return None
+    B = cfg.data.prompts_per_step * cfg.sampler.n
+    L = max(2, cfg.sampler.max_model_len // 2)
+    return str(cfg.student.path), max(1, min(B, 4096 // L)), L
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     check_paths(cfg)
     prompts = as_prompts(load_data(cfg).train)
     contention = measure_core_contention()
+    probe = student_probe(cfg)
+    contention_student = measure_core_contention(model=probe) if probe else None
     ray.init(address=cfg.run.ray_address) if cfg.run.ray_address else ray.init(
         num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=False)
     modes: dict[str, dict[str, float]] = {}
@@ -354,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         # the same, when every CPU-second of work costs contention_factor once all cores are busy
         "sync_cpu_bound_with_contention": (sync_cpu_bound / contention["contention_factor"]
                                            if sync_cpu_bound else None),
+        "core_contention_student": ({**contention_student, "batch": list(probe[1:])} if contention_student
+                                    else None),
+        "sync_cpu_bound_with_student_contention": (sync_cpu_bound / contention_student["contention_factor"]
+                                                   if sync_cpu_bound and contention_student else None),
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
     cols = ("samples_per_s", "tokens_per_s", "sampler_idle_frac", "teacher_idle_frac", "learner_idle_frac",
@@ -385,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
           f"CPU-seconds with all {cores} cores busy as alone")
     if sync_cpu_bound:
         print(f"sync_cpu_bound_with_contention = {result['sync_cpu_bound_with_contention']:.2f}")
+    if contention_student:
+        print(f"core contention, the student's train step ({probe[1]} x {probe[2]} tokens, 1 thread): "
+              f"{contention_student['contention_factor']:.2f}× the CPU-seconds with all {cores} cores busy as alone")
+        if sync_cpu_bound:
+            print(f"sync_cpu_bound_with_student_contention = {result['sync_cpu_bound_with_student_contention']:.2f}")
     if best:
         print(f"async_over_sync = {result['async_over_sync']:.2f}  (best async mode: {best})")
         print(f"async_over_ceiling = {result['async_over_ceiling']:.2f}")
