@@ -101,6 +101,13 @@ PIPELINE_TRIALS: list[dict] = [
     {"set": ["sampler.n=2"], "responses_per_s": 139.7, "acc": [.13, .35, .34, .40, .43]},
     {"set": ["sampler.n=2", "data.prompts_per_step=64"], "responses_per_s": 196.8, "acc": [.13, .33, .38, .49, .45]},
     {"set": ["sampler.n=2", "learner.lr=1e-3"], "responses_per_s": 177.8, "acc": [.13, .28, .36, .38, .53]},
+    # 2026-12-02 12:20, the models of that morning's preparation (student 0.20, teacher 0.96), quiet machine on a
+    # slow day, 240 s with acc every 30 s: TRL's step size (64 responses) against the chosen 64 x 2 (η = 1 of
+    # that day's full invocation, 11:00): 394 steps against 355, so the per-step cost hardly shrinks with the batch.
+    {"set": ["sampler.n=2", "data.prompts_per_step=32"], "budget_s": 240, "responses_per_s": 104.8,
+     "acc": [.20, .44, .54, .69, .70, .78, .86, .87, .78]},
+    {"set": ["sampler.n=2", "data.prompts_per_step=64"], "budget_s": 240, "responses_per_s": 189.3,
+     "acc": [.20, .53, .64, .74, .78, .88, .85, .93, .90]},
 ]
 
 def bench_overrides(cache: Path, args) -> list[str]:
