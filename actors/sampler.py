@@ -40,14 +40,14 @@ log = logging.getLogger(__name__)
 
 
 def _sampled_logprobs(logprobs, token_ids: list[int]) -> np.ndarray:
-    """The sampled tokens' log-probs from vLLM's ``logprobs=0`` output: a FlatLogprobs holding one
-    entry per position (read as one list, no per-position dicts), or the per-position dicts."""
-    if hasattr(logprobs, "start_indices"):
-        if len(logprobs.logprobs) != len(token_ids) or list(logprobs.token_ids) != token_ids:
-            raise RuntimeError(f"vLLM returned {len(logprobs.logprobs)} sampled log-probs for {len(token_ids)} "
-                               "tokens, or for other tokens")
-        return np.asarray(logprobs.logprobs, dtype=np.float32)
-    return np.array([logprobs[t][tok].logprob for t, tok in enumerate(token_ids)], dtype=np.float32)
+    """The sampled tokens' log-probs from vLLM's ``logprobs=0, flat_logprobs=True`` output: a
+    FlatLogprobs holding one entry per position, read as one list (no per-position dicts)."""
+    if not hasattr(logprobs, "start_indices"):
+        raise RuntimeError(f"expected FlatLogprobs from vLLM, got {type(logprobs).__name__}")
+    if len(logprobs.logprobs) != len(token_ids) or list(logprobs.token_ids) != token_ids:
+        raise RuntimeError(f"vLLM returned {len(logprobs.logprobs)} sampled log-probs for {len(token_ids)} "
+                           "tokens, or for other tokens")
+    return np.asarray(logprobs.logprobs, dtype=np.float32)
 
 
 class Sampler(WeightReceiver):

@@ -322,9 +322,7 @@ def measure_core_contention(seconds: float = 8.0, model: tuple[str, int, int] | 
 def student_probe(cfg) -> tuple[str, int, int] | None:
     """The contention probe's batch: one step's responses at half the sampler's context, capped at 4,096
     tokens; None (no probe) for a student over 50M parameters, whose CPU step would take minutes."""
-    import json as _json
-
-    c = _json.loads((Path(cfg.student.path) / "config.json").read_text())
+    c = json.loads((Path(cfg.student.path) / "config.json").read_text())
     h, n, v, i = c.get("hidden_size", 0), c.get("num_hidden_layers", 0), c.get("vocab_size", 0), \
         c.get("intermediate_size", 0)
     if 2 * v * h + n * (4 * h * h + 3 * h * i) > 50e6:

@@ -22,19 +22,20 @@ def _prompts(sampler, questions):
 
 
 def _check_against_vllm(sampler, prompts) -> dict[str, int]:
-    """Generate once with vLLM's detokenizer and per-position log-prob dicts on, and compare what
-    the sampler's own decode and flat reader make of the same completions."""
+    """Generate once with vLLM's detokenizer on, and compare what the sampler's own decode makes of
+    the same completions; the flat log-prob reader against vLLM's per-position view of them."""
     from vllm import TokensPrompt
 
     c = sampler.cfg
-    params = sampler._params(n=c.n, temperature=c.temperature, logprobs=0)  # detokenize=True, dict log-probs
-    assert params.detokenize and not params.flat_logprobs
+    params = sampler._params(n=c.n, temperature=c.temperature, logprobs=0, flat_logprobs=True)  # detokenize=True
+    assert params.detokenize and params.flat_logprobs
     outs = sampler.llm.generate([TokensPrompt(prompt_token_ids=list(p.prompt_ids)) for p in prompts], params,
                                 use_tqdm=False)
     reasons = {"eos": 0, "stop_token": 0, "length": 0}
     for out in outs:
         assert sampler._texts(out.outputs) == [o.text for o in out.outputs]
         for o in out.outputs:
+            # FlatLogprobs' sequence API gives each position's {token id: Logprob} dict
             dict_lps = np.array([o.logprobs[t][tok].logprob for t, tok in enumerate(o.token_ids)], np.float32)
             np.testing.assert_array_equal(sampler_module()._sampled_logprobs(o.logprobs, list(o.token_ids)),
                                           dict_lps)
