@@ -309,6 +309,12 @@ class LearnerConfig(Section):
         1024, ge=1, description="Response positions per lm_head chunk: the log-softmax over the vocabulary is taken "
         "for this many positions at a time and recomputed in the backward pass, so at most chunk × vocabulary "
         "logits exist (1024 × 151,936 × 4 B = 0.6 GB for Qwen3).")
+    mini_batches: int = Field(
+        1, ge=1, description="M: optimizer steps per training step (PPO mini-batches; verl's ppo_mini_batch_size, "
+        "OpenRLHF's micro-rollout split). The step's prompt groups are split into M parts of about B/M prompts, "
+        "each its own SPEC §1 global batch; π_S,old is the policy before the first of them (a no-grad forward of "
+        "parts 2..M when the objective has the §1 term), so the clip acts from the second. The lr schedule still "
+        "counts training steps. 1: one step per batch, strictly on-policy.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
     lr_schedule: LRSchedule = Field(ConstantLR(), description="Warm-up, then `constant`, `cosine` or `linear` "
                                     "decay over run.steps (default: constant, no warm-up).")
@@ -402,6 +408,10 @@ class RunConfig(Section):
                         - {reference_of(self)} - {getattr(d.routing, "student", None) for d in self.domains.values()})
         if unused:
             raise ValueError(f"`teachers` {unused} serve no domain; remove them or route a domain to them")
+        if self.learner.mini_batches > self.data.prompts_per_step:
+            raise ValueError(f"`learner.mini_batches` ({self.learner.mini_batches}) exceeds `data.prompts_per_step` "
+                             f"({self.data.prompts_per_step}): a mini-batch holds whole prompt groups; lower it or "
+                             "raise prompts_per_step")
         if self.sampler.max_new_tokens >= self.sampler.max_model_len:
             raise ValueError(
                 f"`sampler.max_new_tokens` ({self.sampler.max_new_tokens}) must be < `sampler.max_model_len` "

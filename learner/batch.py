@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from buffers.records import TrainSample
+from buffers.records import TrainBatch, TrainSample
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,38 @@ def collate(samples: list[TrainSample], pad_id: int, top_k: int) -> LearnerBatch
                         topk_lp_BTK=None if topk_lp is None else t_(topk_lp), has_topk_B=t_(has_topk_B),
                         raw_behave_B=t_(np.array([float(s.behaviour_raw) for s in samples], dtype=np.float32)),
                         teacher_w_BT=None if teacher_w_BT is None else t_(teacher_w_BT))
+
+
+def split_mini_batches(batch: TrainBatch, m: int) -> list[TrainBatch]:
+    """``learner.mini_batches``: the batch's prompt groups, in the buffer's order, cut into ``min(m, groups)``
+    parts whose group counts differ by at most one. A group (a prompt's responses) stays whole: balancing
+    (SPEC §3.2) and calibration (§4) act within it. Each part is the global batch of its optimizer step, so
+    its SPEC §1 denominator is its own share of ``n_responses_total`` (its size, masked responses included)."""
+    if m <= 1:
+        return [batch]
+    groups: dict[str, list[TrainSample]] = {}
+    for s in batch.samples:
+        groups.setdefault(s.prompt_id, []).append(s)
+    ordered = list(groups.values())
+    n = min(m, len(ordered))
+    cuts = [round(k * len(ordered) / n) for k in range(n + 1)]
+    n_all = max(1, len(batch.samples))
+    parts = []
+    for a, b in zip(cuts, cuts[1:]):
+        samples = [s for g in ordered[a:b] for s in g]
+        ids = [g[0].prompt_id for g in ordered[a:b]]
+        parts.append(TrainBatch(samples=samples, prompt_ids=ids,
+                                n_responses_total=max(1, round(batch.n_responses_total * len(samples) / n_all))))
+    return parts
+
+
+def pad_responses(values_T: list[np.ndarray], T: int) -> torch.Tensor:
+    """Per-response token values (each of its response's length) as a right-padded B × T float tensor, laid
+    out like ``collate``'s ``*_BT`` fields."""
+    out = np.zeros((len(values_T), T), dtype=np.float32)
+    for i, v in enumerate(values_T):
+        out[i, : len(v)] = v
+    return torch.from_numpy(out)
 
 
 def plan_micro_batches(lengths: list[int], world_size: int, max_tokens: int,

@@ -6,9 +6,12 @@ GPUs). Every rank sees the whole ``TrainBatch`` and computes the same plan from 
 ``LearnerBatch`` of tensors): its shard, cut into micro-batches of at most
 ``learner.max_tokens_per_micro_batch`` tokens, and one micro-batch count shared by
 all ranks (DeepSpeed needs the same number of backward passes everywhere).
-One optimizer step per batch, so π_S,old (SPEC §1) is the current parameters: the
-same forward pass gives log πθ and, detached, log π_S,old — the learner's own
-recomputation, never the sampler's number. The sampler's log-probs enter only as
+A training step is ``learner.mini_batches`` (M) optimizer steps, one per part of the batch
+(``split_mini_batches``: whole prompt groups). π_S,old (SPEC §1) is the policy before the
+step's first update — the learner's own recomputation, never the sampler's number: the
+first part reads it, detached, from its own forward pass; parts 2..M from a no-grad
+forward taken before that update (only when the objective has the §1 term), so the PPO
+clip acts on them. M = 1 (the default) is one step per batch, strictly on-policy. The sampler's log-probs enter only as
 the behaviour policy of SPEC §2: they are vLLM's processed log-probs (temperature,
 min-p, top-k, top-p applied), so the behaviour weight compares them with the
 learner's log-probs under the same ``LogitProcessing``, computed without gradient
@@ -44,7 +47,8 @@ from configs.schema import (ConstantLR, CosineLR, IcePop, ImportanceConfig, Lear
                             TruncatedIS, WeightSyncConfig)
 from learner import drift as drift_mod
 from learner import objectives as obj
-from learner.batch import LearnerBatch, collate, plan_micro_batches, response_positions
+from learner.batch import (LearnerBatch, collate, pad_responses, plan_micro_batches, response_positions,
+                           split_mini_batches)
 from learner.concurrency import ControlPlane
 from learner.logprobs import LogitProcessing, ResponseLogprobModel
 
@@ -134,7 +138,10 @@ class Learner(ControlPlane):
                                          adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(policy.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg.lr_schedule, self.total_steps))
+        # DeepSpeed steps the scheduler once per optimizer step, M per training step; the schedule counts
+        # training steps (warm-up and decay mean the same whatever M is).
+        per_step, m = lr_lambda(self.cfg.lr_schedule, self.total_steps), self.cfg.mini_batches
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: per_step(k // m))
         zero: dict = {"stage": self.cfg.zero_stage}
         if self.cfg.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -195,9 +202,12 @@ class Learner(ControlPlane):
         top_BTn = out[-1].new_zeros((B, T, out[-1].shape[1])).index_put((rows, t), out[-1]) if top_n else None
         return logp_BTJ, logp_NJ, proc_BT, top_BTn
 
-    def _chunk_loss(self, samples: list[TrainSample], n_total: int
+    def _chunk_loss(self, samples: list[TrainSample], n_total: int,
+                    old_T: list[tuple[np.ndarray, np.ndarray]] | None = None
                     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-        """One micro-batch's share of the step loss, its stats, and the model output it came from."""
+        """One micro-batch's share of the step loss, its stats, and the model output it came from. ``old_T``:
+        per sample, π_S,old's raw and processed log-probs of its tokens from before the step's first update
+        (``_old_logprobs``); None: the current parameters are π_S,old (the step's first part)."""
         o = self.cfg.objective
         dist = o if isinstance(o, TopKObjective) else None
         b = collate(samples, self.pad_id, o.top_k).to(self.device)
@@ -208,6 +218,10 @@ class Learner(ControlPlane):
         mask = b.mask_BT
         logp = logp_BTJ[..., 0]
         old = logp.detach()
+        if old_T is not None:
+            T = mask.shape[1]
+            old = pad_responses([o_raw for o_raw, _ in old_T], T).to(self.device)
+            old_proc = pad_responses([o_proc for _, o_proc in old_T], T).to(self.device)
         if b.raw_behave_B is not None and bool(b.raw_behave_B.any()):  # cached responses: raw against raw
             old_proc = torch.where(b.raw_behave_B[:, None] > 0, old, old_proc)
         stats = {"mismatch_kl": float(obj.mismatch_kl(old_proc, b.behave_BT, mask))}
@@ -259,36 +273,83 @@ class Learner(ControlPlane):
                                  excluded_B=b.excluded_B) * self.W
         return loss, stats, out_NJ
 
+    def _dummy_sample(self) -> TrainSample:
+        """A one-token response, for the forward passes an empty micro-batch still owes its collectives."""
+        return TrainSample([self.pad_id], [self.pad_id], np.zeros(1, np.float32), None, None, None, 0.0, 0.0,
+                           0, "", False, "")
+
     def _zero_loss(self, out_NJ: torch.Tensor | None = None) -> torch.Tensor:
         """A loss of exactly 0 whose backward runs the same graph as a real micro-batch's (the same
         parameters, the same order, hence the same ZeRO collectives on every rank). Without ``out_NJ``
         (an empty micro-batch) it first runs the model on a one-token dummy response."""
         if out_NJ is None:
-            dummy = TrainSample([self.pad_id], [self.pad_id], np.zeros(1, np.float32), None, None, None, 0.0, 0.0,
-                                0, "", False, "")
-            b = collate([dummy], self.pad_id, 0).to(self.device)
+            b = collate([self._dummy_sample()], self.pad_id, 0).to(self.device)
             out_NJ = self._logprobs(b, 0)[1]
         # nan_to_num: a non-finite output contributes a 0 upstream gradient, not NaN·0 = NaN
         return torch.nan_to_num(out_NJ, nan=0.0, posinf=0.0, neginf=0.0).sum() * 0.0
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on this rank's share of ``batch``; returns metrics (rank-local)."""
+        """One training step on this rank's share of ``batch``: ``learner.mini_batches`` optimizer steps, one per
+        part (``split_mini_batches``). Returns metrics (rank-local): rates averaged over the parts by size,
+        counts summed, ``lr`` the last."""
         t0 = time.perf_counter()
         self.engine.train()
-        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in batch.samples]
-        plan = plan_micro_batches(lengths, self.W, self.cfg.max_tokens_per_micro_batch, self.cfg.micro_batch_size)
-        chunks = [[batch.samples[i] for i in mb] for mb in plan[self.rank]]
+        parts = split_mini_batches(batch, self.cfg.mini_batches)
+        olds: list[dict[int, tuple[np.ndarray, np.ndarray]] | None] = [None] * len(parts)
+        if self.cfg.objective.pg is not None:  # SPEC §1 π_S,old of parts 2..M: before the first update
+            olds[1:] = [self._old_logprobs(p) for p in parts[1:]]
+        per_part = [self._optimizer_step(p, o) for p, o in zip(parts, olds)]
+        agg = _merge_parts(per_part)
+        agg = drift_mod.token_means(agg)  # per-token rates (drift, overlap) over the whole shard
+        self.steps_done += 1
+        self.skipped_steps += int(agg["skipped_nonfinite"])
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        agg.update({"step_s": dt, "optimizer_steps": float(len(parts))})
+        return agg
+
+    def _plan(self, part: TrainBatch) -> tuple[list[int], list[list[list[int]]]]:
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in part.samples]
+        return lengths, plan_micro_batches(lengths, self.W, self.cfg.max_tokens_per_micro_batch,
+                                           self.cfg.micro_batch_size)
+
+    @torch.no_grad()
+    def _old_logprobs(self, part: TrainBatch) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """SPEC §1 π_S,old of this rank's share of ``part``, taken before the step's first update: per sample
+        index, the raw log-probs of its response tokens and those under the samplers' processing (SPEC §2).
+        The part's own micro-batch plan, so every rank runs the same number of forward passes (ZeRO-3
+        gathers weights inside each)."""
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for mb in self._plan(part)[1][self.rank]:
+            if not mb:
+                if self.cfg.zero_stage == 3:
+                    self._logprobs(collate([self._dummy_sample()], self.pad_id, 0).to(self.device), 0)
+                continue
+            b = collate([part.samples[i] for i in mb], self.pad_id, 0).to(self.device)
+            logp_BTJ, _, proc_BT, _ = self._logprobs(b, 0, processed=True)
+            raw, proc = logp_BTJ[..., 0].cpu().numpy(), proc_BT.cpu().numpy()
+            for row, i in enumerate(mb):
+                t = len(part.samples[i].response_ids)
+                out[i] = (raw[row, :t].copy(), proc[row, :t].copy())
+        return out
+
+    def _optimizer_step(self, part: TrainBatch, old: dict[int, tuple[np.ndarray, np.ndarray]] | None
+                        ) -> dict[str, float]:
+        """One optimizer step on this rank's share of ``part`` (micro-batches accumulated); its metrics."""
+        lengths, plan = self._plan(part)
+        chunks = [[part.samples[i] for i in mb] for mb in plan[self.rank]]
         shard = [s for c in chunks for s in c]
         agg: dict[str, float] = {}
         loss_total = 0.0
         grad_norm = None
         nonfinite = False
-        for i, chunk in enumerate(chunks):
+        for i, (chunk, mb) in enumerate(zip(chunks, plan[self.rank])):
             last = i == len(chunks) - 1
             self.engine.set_gradient_accumulation_boundary(last)  # the plan, not a fixed count, ends the step
             loss = None
             if chunk:
-                loss, stats, out_NJ = self._chunk_loss(chunk, batch.n_responses_total)
+                loss, stats, out_NJ = self._chunk_loss(chunk, part.n_responses_total,
+                                                       None if old is None else [old[j] for j in mb])
                 if not torch.isfinite(loss.detach()):
                     # never backward a NaN: back-propagate 0 through the same graph; the step is skipped below
                     nonfinite, loss = True, self._zero_loss(out_NJ)
@@ -321,20 +382,16 @@ class Learner(ControlPlane):
                     saved = g.pop("_lr_before_skip", g["lr"])
                     if g["lr"] == 0.0:
                         g["lr"] = saved
-        agg = drift_mod.token_means(agg)  # per-token rates (drift, overlap) over the whole shard
-        self.steps_done += 1
-        self.skipped_steps += int(skip)
         gn = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
-        dt = time.perf_counter() - t0
-        self.busy_s += dt
         padded = sum(len(c) * max(lengths[j] for j in mb) for c, mb in zip(chunks, plan[self.rank]) if c)
         agg.update({"loss": float("nan") if skip else loss_total, "lr": self.scheduler.get_last_lr()[0],
-                    "grad_norm": float(gn) if gn is not None else 0.0, "step_s": dt,
+                    "grad_norm": float(gn) if gn is not None else 0.0,
                     "tokens": float(sum(len(s.response_ids) for s in shard)), "skipped_nonfinite": float(skip),
-                    "micro_batches": float(len(chunks)),
+                    "micro_batches": float(len(chunks)), "#responses": float(len(shard)),
                     "pad_frac": 1.0 - sum(lengths[j] for mb in plan[self.rank] for j in mb) / max(1, padded)})
         if skip:
-            log.warning("non-finite loss or gradient at step %d: step skipped, weights kept", self.steps_done)
+            log.warning("non-finite loss or gradient at step %d: optimizer step skipped, weights kept",
+                        self.steps_done)
         return agg
 
     def _agree_to_skip(self, nonfinite: bool) -> bool:
@@ -478,3 +535,25 @@ class Learner(ControlPlane):
 
 
 _ADDITIVE = ("pg_loss", "dist_loss", "drift/tokens_saved")
+_COUNTS = ("tokens", "micro_batches", "skipped_nonfinite")
+
+
+def _merge_parts(per_part: list[dict[str, float]]) -> dict[str, float]:
+    """The metrics of a training step's optimizer steps as one: ``name#sum`` / ``name#n`` pairs and counts
+    summed, ``lr`` the last part's, every other value (losses, rates, grad norm) the mean over the parts
+    weighted by this rank's responses in each."""
+    if len(per_part) == 1:
+        return {k: v for k, v in per_part[0].items() if k != "#responses"}
+    w = [max(1.0, p["#responses"]) for p in per_part]
+    out: dict[str, float] = {}
+    for k in dict.fromkeys(k for p in per_part for k in p):
+        if k == "#responses":
+            continue
+        if "#" in k or k in _COUNTS:
+            out[k] = sum(p.get(k, 0.0) for p in per_part)
+        elif k == "lr":
+            out[k] = per_part[-1][k]
+        else:
+            have = [(p[k], wi) for p, wi in zip(per_part, w) if k in p]
+            out[k] = sum(v * wi for v, wi in have) / sum(wi for _, wi in have)
+    return out
