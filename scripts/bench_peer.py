@@ -90,6 +90,10 @@ PIPELINE_SETTINGS = {
     "sampler.n": (2, "2 responses per prompt (the demo's 4 spends half of each step on a prompt's 3rd and 4th "
                      "response): 128 responses per step; in the trials the best accuracy per training second "
                      "and the most responses/s"),
+    "learner.mini_batches": (2, "two optimizer steps of 64 responses per training step (PPO mini-batches, π_S,old from "
+                                "before the first): the peer's 64 responses per update, without halving the batch "
+                                "the pipeline's fixed per-step cost is paid on; in the trials at η = 1 M = 2 / 4 "
+                                "plateaued at 0.78 / 0.79 against 0.74 for M = 1, at 0.94 / 0.88 of its responses/s"),
 }
 # Pipeline-only trials at η = 1 (2026-12-02, this machine beside four helper sessions editing code; 120 s of
 # training each, held-out accuracy every 30 s). The demo's own settings (32 × 4) in the 240-s invocation of
@@ -108,6 +112,17 @@ PIPELINE_TRIALS: list[dict] = [
      "acc": [.20, .44, .54, .69, .70, .78, .86, .87, .78]},
     {"set": ["sampler.n=2", "data.prompts_per_step=64"], "budget_s": 240, "responses_per_s": 189.3,
      "acc": [.20, .53, .64, .74, .78, .88, .85, .93, .90]},
+    # 2026-12-02 13:55-14:20, the same models, quiet but slow machine (117 responses/s for what read 189 at 11:00),
+    # 240 s, acc every 30 s, one after the other: optimizer steps per training step (learner.mini_batches, 64 x 2).
+    {"set": ["sampler.n=2", "data.prompts_per_step=64", "learner.mini_batches=1"], "budget_s": 240,
+     "responses_per_s": 117.0, "steps": 220, "acc": [.20, .41, .55, .52, .66, .78, .83, .90, .91]},
+    {"set": ["sampler.n=2", "data.prompts_per_step=64", "learner.mini_batches=2"], "budget_s": 240,
+     "responses_per_s": 110.3, "steps": 207, "acc": [.20, .48, .52, .71, .79, .79, .85, .87, .90]},
+    {"set": ["sampler.n=2", "data.prompts_per_step=64", "learner.mini_batches=4"], "budget_s": 240,
+     "responses_per_s": 102.6, "steps": 193, "acc": [.20, .47, .56, .75, .77, .82, .89, .86, .89]},
+    {"set": ["sampler.n=2", "data.prompts_per_step=64", "learner.mini_batches=2", "learner.num_cpus=2",
+             "run.num_cpus=5"], "budget_s": 240, "stopped_at_step": 60,
+     "note": "two torch threads for the learner: 97 responses/s at step 60 against 102 with one (same losses)"},
 ]
 
 def bench_overrides(cache: Path, args) -> list[str]:
@@ -170,10 +185,11 @@ def run_pipeline(args, overrides: list[str], stamp: str) -> dict[str, dict]:
         s = run(cfg)
         out[f"pipeline_lag{lag}"] = {
             "max_lag": lag, "responses_per_s": s["samples_per_s"], "train_s": s["train_seconds"],
-            "steps": s["steps"], "responses": s["totals"]["samples"], "run_dir": str(cfg.run_dir),
+            "steps": s["steps"], "optimizer_steps": s["steps"] * cfg.learner.mini_batches,
+            "responses": s["totals"]["samples"], "run_dir": str(cfg.run_dir),
             "teacher_accuracy": s["accuracy"]["teacher"][DOMAIN],
             "settings": {"prompts_per_step": cfg.data.prompts_per_step, "responses_per_prompt": cfg.sampler.n,
-                         "learning_rate": cfg.learner.lr, "warmup_steps": cfg.learner.lr_schedule.warmup_steps,
+                         "learning_rate": cfg.learner.lr, "mini_batches": cfg.learner.mini_batches, "warmup_steps": cfg.learner.lr_schedule.warmup_steps,
                          "lr_schedule": f"{cfg.learner.lr_schedule.type} over run.steps={cfg.run.steps}",
                          "objective": cfg.learner.objective.model_dump(mode="json"),
                          "max_new_tokens": cfg.sampler.max_new_tokens, "temperature": cfg.sampler.temperature},
@@ -304,6 +320,7 @@ def peer_worker(args, overrides: list[str], out_path: Path, stamp: str) -> None:
     train_s = getattr(clock, "train_total", None) or clock.train_s()
     out_path.write_text(json.dumps({
         "responses_per_s": Counting.responses / train_s, "train_s": train_s, "steps": trainer.state.global_step,
+        "optimizer_steps": trainer.state.global_step,
         "responses": Counting.responses, "teacher_accuracy_hf": clock.teacher_acc, "curve": clock.curve,
         "settings": settings, "run_dir": targs.output_dir}))
 
@@ -432,11 +449,12 @@ def summarize(result: dict, out: str) -> None:
         print(f"peer's own HF greedy measurement: teacher {result['peer_teacher_accuracy_hf']:.3f}, "
               f"start {result['peer_student_start_accuracy_hf']:.3f}")
     print(f"budget {budget_s:g} training s per system (evaluations excluded){'; FAST demo cache' * cache_fast}\n")
-    print(f"{'system':<16}{'responses/s':>12}{'steps':>7}{'to +20 pts':>12}{'to within 5':>13}{'final acc':>11}"
+    print(f"{'system':<16}{'responses/s':>12}{'steps':>7}{'updates':>9}{'to +20 pts':>12}{'to within 5':>13}{'final acc':>11}"
           f"{'plateau':>9}")
     for n, s in systems.items():
         marks = "".join(f" (best of η: {k})" for k, v in result["best_of_lags"].items() if v == n)
-        print(f"{n:<16}{s['responses_per_s']:>12.2f}{s['steps']:>7}{never(s['seconds_to_plus20']):>12}"
+        print(f"{n:<16}{s['responses_per_s']:>12.2f}{s['steps']:>7}{s.get('optimizer_steps', s['steps']):>9}"
+              f"{never(s['seconds_to_plus20']):>12}"
               f"{never(s['seconds_to_within5']):>13}{s['curve'][-1]['accuracy']:>11.3f}"
               f"{never_acc(s['plateau_accuracy']):>9}{marks}")
     print(f"plateau: mean held-out accuracy of the evaluations from {PLATEAU_FROM:g} x the budget on "
