@@ -224,3 +224,48 @@ def test_zero3_export_loads_in_vllm_with_the_learners_log_probs(zero3):
         np.testing.assert_allclose(np.concatenate(got), zero3["after"][0], rtol=0, atol=1e-4)
     finally:
         del llm
+
+
+@pytest.fixture(scope="module")
+def mini2(ray_cluster, tiny_demo, runs):
+    """``learner.mini_batches: 2`` on the batch of ``runs``: one learner, and a W=2 ZeRO-3 group (the π_S,old
+    pre-pass gathers weights collectively, so an empty micro-batch on one rank must still run a forward)."""
+    import ray
+
+    from configs.schema import LearnerConfig, PolicyGradientTerm, ReverseKLTopK
+    from learner.batch import plan_micro_batches, split_mini_batches
+    from learner.concurrency import CONCURRENCY_GROUPS
+    from learner.learner import Learner
+
+    batch = _batch()
+    part2 = split_mini_batches(batch, 2)[1]
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in part2.samples]
+    # premise: in the second part one rank has an empty micro-batch (the forward it still owes)
+    assert any(not mb for mbs in plan_micro_batches(lengths, 2, 16) for mb in mbs)
+    student = str(tiny_demo / "student")
+    objective = ReverseKLTopK(weight=0.5, top_k=4, pg=PolicyGradientTerm())
+    actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=1)
+    kw = dict(max_tokens_per_micro_batch=16, lr=1e-3, num_cpus=1, objective=objective, mini_batches=2)
+    single = actor.remote(student, LearnerConfig(**kw), rank=0, world_size=1, seed=0, total_steps=10)
+    ranks = [actor.remote(student, LearnerConfig(**kw, zero_stage=3), rank=r, world_size=2, seed=0, total_steps=10)
+             for r in (0, 1)]
+    try:
+        a1 = ray.get(single.dist_address.remote(), timeout=120)
+        a2 = ray.get(ranks[0].dist_address.remote(), timeout=120)
+        ray.get([single.init_engine.remote(*a1)] + [r.init_engine.remote(*a2) for r in ranks], timeout=600)
+        metrics = ray.get([h.train_step.remote(batch) for h in [single, *ranks]], timeout=600)
+        after = ray.get([h.compute_logprobs.remote(batch.samples) for h in [single, *ranks]], timeout=300)
+        yield {"metrics": metrics, "after": [np.concatenate(x) for x in after]}
+    finally:
+        for h in [single, *ranks]:
+            ray.kill(h)
+
+
+def test_two_mini_batches_on_two_zero3_ranks_take_one_learners_two_steps(mini2, runs):
+    single, r0, r1 = mini2["after"]
+    # premise: the second optimizer step moved the weights beyond the one-step learner of ``runs``
+    assert np.max(np.abs(single - runs["after"][0])) > 1e-3
+    np.testing.assert_allclose(r0, single, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(r1, single, rtol=0, atol=1e-5)
+    for m in mini2["metrics"]:
+        assert m["optimizer_steps"] == 2.0 and np.isfinite(m["loss"])
