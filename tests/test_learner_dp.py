@@ -244,7 +244,8 @@ def mini2(ray_cluster, tiny_demo, runs):
     assert any(not mb for mbs in plan_micro_batches(lengths, 2, 16) for mb in mbs)
     student = str(tiny_demo / "student")
     objective = ReverseKLTopK(weight=0.5, top_k=4, pg=PolicyGradientTerm())
-    actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=1)
+    # the module's other actors (``runs``, ``zero3``) still hold 5.5 of the cluster's 6 CPUs
+    actor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Learner).options(num_cpus=0.1)
     kw = dict(max_tokens_per_micro_batch=16, lr=1e-3, num_cpus=1, objective=objective, mini_batches=2)
     single = actor.remote(student, LearnerConfig(**kw), rank=0, world_size=1, seed=0, total_steps=10)
     ranks = [actor.remote(student, LearnerConfig(**kw, zero_stage=3), rank=r, world_size=2, seed=0, total_steps=10)
