@@ -11,10 +11,10 @@ A training step is ``learner.mini_batches`` (M) optimizer steps, one per part of
 step's first update — the learner's own recomputation, never the sampler's number: the
 first part reads it, detached, from its own forward pass; parts 2..M from a no-grad
 forward taken before that update (only when the objective has the §1 term), so the PPO
-clip acts on them. M = 1 (the default) is one step per batch, strictly on-policy. The sampler's log-probs enter only as
-the behaviour policy of SPEC §2: they are vLLM's processed log-probs (temperature,
-min-p, top-k, top-p applied), so the behaviour weight compares them with the
-learner's log-probs under the same ``LogitProcessing``, computed without gradient
+clip acts on them. M = 1 (the default) is one step per batch, strictly on-policy.
+The sampler's log-probs enter only as the behaviour policy of SPEC §2: they are vLLM's
+processed log-probs (temperature, min-p, top-k, top-p applied), so the behaviour weight
+compares them with the learner's log-probs under the same ``LogitProcessing``, computed without gradient
 from the same hidden states; the objectives use the model's own distribution.
 
 Loss (learner/objectives.py, ``learner.objective``): ``pg.weight`` × SPEC §1 clipped policy
