@@ -86,14 +86,18 @@ PEER_TRIALS: list[dict] = [
 # The pipeline's settings that differ from configs/demo.yaml, each with why; chosen by PIPELINE_TRIALS (a trial
 # is reproduced with --skip-peer --lags 1 --budget-s 120 --eval-every-s 30 --pipeline-set KEY=VALUE ...).
 PIPELINE_SETTINGS = {
-    "data.prompts_per_step": (64, "64 prompts per step like the peer: the same prompt diversity per optimizer step"),
-    "sampler.n": (2, "2 responses per prompt (the demo's 4 spends half of each step on a prompt's 3rd and 4th "
-                     "response): 128 responses per step; in the trials the best accuracy per training second "
-                     "and the most responses/s"),
-    "learner.mini_batches": (2, "two optimizer steps of 64 responses per training step (PPO mini-batches, π_S,old from "
-                                "before the first): the peer's 64 responses per update, without halving the batch "
-                                "the pipeline's fixed per-step cost is paid on; in the trials at η = 1 M = 2 / 4 "
-                                "plateaued at 0.78 / 0.79 against 0.74 for M = 1, at 0.94 / 0.88 of its responses/s"),
+    "data.prompts_per_step": (128, "128 prompts per training step, one response each: the peer's prompt diversity per "
+                                   "update (one fresh completion per prompt); in the 2026-12-02 17:26 trials 128 x 1 "
+                                   "plateaued at 0.81 against 0.78 for 64 x 2 (the same 128 responses per step)"),
+    "sampler.n": (1, "one response per prompt, like the peer (with n = 1 the group-level balancing and margin "
+                     "calibration have nothing to act on; the objective below has no term they weight either)"),
+    "learner.mini_batches": (4, "four optimizer steps of 32 responses per training step (PPO mini-batches): more updates "
+                                "per response without paying the pipeline's fixed per-step cost more often; in the "
+                                "trials M = 4 plateaued at 0.88 against 0.84 for M = 2 (both without the §1 term)"),
+    "learner.objective.pg": ("null", "the peer's objective: forward KL over the full vocabulary (forward_kl_topk, k = 64 "
+                                     ">= the 50 ids), without the demo's 0.1 x SPEC §1 term, so the bench compares the "
+                                     "systems, not objectives; the §1 term also needs a no-grad π_S,old pre-pass of "
+                                     "parts 2..M (M = 4: 95 against 109 responses/s, plateau 0.84 against 0.88)"),
 }
 # Pipeline-only trials at η = 1 (2026-12-02, this machine beside four helper sessions editing code; 120 s of
 # training each, held-out accuracy every 30 s). The demo's own settings (32 × 4) in the 240-s invocation of
@@ -123,6 +127,22 @@ PIPELINE_TRIALS: list[dict] = [
     {"set": ["sampler.n=2", "data.prompts_per_step=64", "learner.mini_batches=2", "learner.num_cpus=2",
              "run.num_cpus=5"], "budget_s": 240, "stopped_at_step": 60,
      "note": "two torch threads for the learner: 97 responses/s at step 60 against 102 with one (same losses)"},
+    # 2026-12-02 17:26-18:10, the same models, quiet machine, 240 s, acc every 30 s, one after the other: what an
+    # update does (the 14:19 invocation made as many updates as the peer and learned less per update). Each trial
+    # changes one thing from the first (64 x 2, M = 2, the demo objective with its 0.1 x SPEC §1 term).
+    {"set": ["sampler.n=2", "data.prompts_per_step=64", "learner.mini_batches=2"], "budget_s": 240,
+     "responses_per_s": 119.0, "steps": 224, "acc": [.20, .48, .59, .71, .76, .84, .84, .86, .87]},
+    {"set": ["sampler.n=2", "data.prompts_per_step=64", "learner.mini_batches=2", "learner.objective.pg=null"],
+     "budget_s": 240, "responses_per_s": 106.7, "steps": 201, "acc": [.20, .48, .49, .60, .78, .83, .85, .82, .91]},
+    {"set": ["sampler.n=2", "data.prompts_per_step=64", "learner.mini_batches=2",
+             "learner.lr_schedule.warmup_steps=5"], "budget_s": 240, "responses_per_s": 118.5, "steps": 223,
+     "acc": [.20, .48, .62, .71, .73, .77, .86, .84, .91]},
+    {"set": ["sampler.n=1", "data.prompts_per_step=128", "learner.mini_batches=2"], "budget_s": 240,
+     "responses_per_s": 99.3, "steps": 187, "acc": [.20, .58, .63, .76, .83, .84, .86, .87, .89]},
+    {"set": ["sampler.n=1", "data.prompts_per_step=128", "learner.mini_batches=2", "learner.objective.pg=null"],
+     "budget_s": 240, "responses_per_s": 105.0, "steps": 198, "acc": [.20, .56, .69, .81, .84, .83, .89, .92, .91]},
+    {"set": ["sampler.n=1", "data.prompts_per_step=128", "learner.mini_batches=4"], "budget_s": 240,
+     "responses_per_s": 95.3, "steps": 179, "acc": [.20, .50, .72, .81, .79, .93, .85, .91, .89]},
 ]
 
 def bench_overrides(cache: Path, args) -> list[str]:
