@@ -84,7 +84,8 @@ PEER_TRIALS: list[dict] = [
 ]
 
 # The pipeline's settings that differ from configs/demo.yaml, each with why; chosen by PIPELINE_TRIALS (a trial
-# is reproduced with --skip-peer --lags 1 --budget-s 120 --eval-every-s 30 --pipeline-set KEY=VALUE ...).
+# is reproduced with --skip-peer --lags 1 --budget-s B --eval-every-s 30 --pipeline-set KEY=VALUE ..., B its
+# budget_s, 120 where none is given).
 PIPELINE_SETTINGS = {
     "data.prompts_per_step": (128, "128 prompts per training step, one response each: the peer's prompt diversity per "
                                    "update (one fresh completion per prompt); in the 2026-12-02 17:26 trials 128 x 1 "
@@ -130,6 +131,8 @@ PIPELINE_TRIALS: list[dict] = [
     # 2026-12-02 17:26-18:10, the same models, quiet machine, 240 s, acc every 30 s, one after the other: what an
     # update does (the 14:19 invocation made as many updates as the peer and learned less per update). Each trial
     # changes one thing from the first (64 x 2, M = 2, the demo objective with its 0.1 x SPEC §1 term).
+    # Every trial above ran with the demo objective's §1 term unless it names pg=null: to reproduce one now, add
+    # learner.objective.pg={weight: 0.1} (PIPELINE_SETTINGS drops it since af39bb1).
     {"set": ["sampler.n=2", "data.prompts_per_step=64", "learner.mini_batches=2"], "budget_s": 240,
      "responses_per_s": 119.0, "steps": 224, "acc": [.20, .48, .59, .71, .76, .84, .84, .86, .87]},
     {"set": ["sampler.n=2", "data.prompts_per_step=64", "learner.mini_batches=2", "learner.objective.pg=null"],
@@ -143,6 +146,8 @@ PIPELINE_TRIALS: list[dict] = [
      "budget_s": 240, "responses_per_s": 105.0, "steps": 198, "acc": [.20, .56, .69, .81, .84, .83, .89, .92, .91]},
     {"set": ["sampler.n=1", "data.prompts_per_step=128", "learner.mini_batches=4"], "budget_s": 240,
      "responses_per_s": 95.3, "steps": 179, "acc": [.20, .50, .72, .81, .79, .93, .85, .91, .89]},
+    {"set": ["sampler.n=1", "data.prompts_per_step=128", "learner.mini_batches=4", "learner.objective.pg=null"],
+     "budget_s": 240, "responses_per_s": 109.3, "steps": 205, "acc": [.20, .45, .79, .85, .92, .87, .90, .91, .94]},
 ]
 
 def bench_overrides(cache: Path, args) -> list[str]:
