@@ -314,24 +314,33 @@ class Learner(ControlPlane):
                                            self.cfg.micro_batch_size)
 
     @torch.no_grad()
+    def _response_logprobs(self, samples: list[TrainSample], micro_batches: list[list[int]], processed: bool
+                           ) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+        """No-grad log-probs of the response tokens of ``samples``, micro-batch by micro-batch (the training
+        path: token-budget micro-batches, chunked head): per sample index, the raw log-probs and, with
+        ``processed``, those under the samplers' ``LogitProcessing`` (SPEC §2), else None. An empty
+        micro-batch still runs a one-token forward under ZeRO-3, whose forward gathers weights collectively."""
+        out: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        for mb in micro_batches:
+            if not mb:
+                if self.cfg.zero_stage == 3:
+                    self._logprobs(collate([self._dummy_sample()], self.pad_id, 0).to(self.device), 0)
+                continue
+            b = collate([samples[i] for i in mb], self.pad_id, 0).to(self.device)
+            logp_BTJ, _, proc_BT, _ = self._logprobs(b, 0, processed=processed)
+            raw = logp_BTJ[..., 0].cpu().numpy()
+            proc = proc_BT.cpu().numpy() if processed else None
+            for row, i in enumerate(mb):
+                t = len(samples[i].response_ids)
+                out[i] = (raw[row, :t].copy(), None if proc is None else proc[row, :t].copy())
+        return out
+
     def _old_logprobs(self, part: TrainBatch) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """SPEC §1 π_S,old of this rank's share of ``part``, taken before the step's first update: per sample
         index, the raw log-probs of its response tokens and those under the samplers' processing (SPEC §2).
         The part's own micro-batch plan, so every rank runs the same number of forward passes (ZeRO-3
         gathers weights inside each)."""
-        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for mb in self._plan(part)[1][self.rank]:
-            if not mb:
-                if self.cfg.zero_stage == 3:
-                    self._logprobs(collate([self._dummy_sample()], self.pad_id, 0).to(self.device), 0)
-                continue
-            b = collate([part.samples[i] for i in mb], self.pad_id, 0).to(self.device)
-            logp_BTJ, _, proc_BT, _ = self._logprobs(b, 0, processed=True)
-            raw, proc = logp_BTJ[..., 0].cpu().numpy(), proc_BT.cpu().numpy()
-            for row, i in enumerate(mb):
-                t = len(part.samples[i].response_ids)
-                out[i] = (raw[row, :t].copy(), proc[row, :t].copy())
-        return out
+        return self._response_logprobs(part.samples, self._plan(part)[1][self.rank], processed=True)
 
     def _optimizer_step(self, part: TrainBatch, old: dict[int, tuple[np.ndarray, np.ndarray]] | None
                         ) -> dict[str, float]:
@@ -419,24 +428,16 @@ class Learner(ControlPlane):
             g["_lr_before_skip"] = g["lr"]
             g["lr"] = 0.0
 
-    @torch.no_grad()
     def compute_logprobs(self, samples: list[TrainSample], processed: bool = False) -> list[np.ndarray]:
         """log πθ of each sample's response tokens (for checks against the samplers; ``processed``:
         under the samplers' ``LogitProcessing``, as they report them), through the same token-budget
         micro-batches and chunked head as training. Under ZeRO-3 every rank must call it with the
         same samples (the forward gathers weights collectively)."""
         self.engine.eval()
-        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(samples)
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-        for mb in plan_micro_batches(lengths, 1, self.cfg.max_tokens_per_micro_batch, self.cfg.micro_batch_size)[0]:
-            if not mb:
-                continue
-            b = collate([samples[i] for i in mb], self.pad_id, 0).to(self.device)
-            logp_BTJ, _, proc_BT, _ = self._logprobs(b, 0, processed=processed)
-            logp = (proc_BT if processed else logp_BTJ[..., 0]).cpu()
-            for row, i in enumerate(mb):
-                out[i] = logp[row, : len(samples[i].response_ids)].numpy()
-        return out
+        plan = plan_micro_batches(lengths, 1, self.cfg.max_tokens_per_micro_batch, self.cfg.micro_batch_size)[0]
+        got = self._response_logprobs(samples, plan, processed)
+        return [got[i][1] if processed else got[i][0] for i in range(len(samples))]
 
     # -- weight sync (vLLM's weight-transfer API; learner/weight_sync.py) ----------------------
     def weight_sync_address(self, master_addr: str) -> tuple[str, int]:
