@@ -99,6 +99,10 @@ PIPELINE_SETTINGS = {
                                      ">= the 50 ids), without the demo's 0.1 x SPEC §1 term, so the bench compares the "
                                      "systems, not objectives; the §1 term also needs a no-grad π_S,old pre-pass of "
                                      "parts 2..M (M = 4: 95 against 109 responses/s, plateau 0.84 against 0.88)"),
+    "learner.lr_schedule.warmup_steps": (3, "the peer's warm-up in optimizer steps: 3 training steps x M = 4 is 12 "
+                                            "updates against the peer's 10 (the demo's 20 training steps are 80 updates, "
+                                            "~15 s here); in the 2026-12-03 trials 3 read 0.50 / 0.57 at 6 / 10 s "
+                                            "against 0.41-0.44 / 0.49 with 20"),
 }
 # Pipeline-only trials at η = 1 (2026-12-02, this machine beside four helper sessions editing code; 120 s of
 # training each, held-out accuracy every 30 s). The demo's own settings (32 × 4) in the 240-s invocation of
@@ -148,6 +152,14 @@ PIPELINE_TRIALS: list[dict] = [
      "responses_per_s": 95.3, "steps": 179, "acc": [.20, .50, .72, .81, .79, .93, .85, .91, .89]},
     {"set": ["sampler.n=1", "data.prompts_per_step=128", "learner.mini_batches=4", "learner.objective.pg=null"],
      "budget_s": 240, "responses_per_s": 109.3, "steps": 205, "acc": [.20, .45, .79, .85, .92, .87, .90, .91, .94]},
+    # 2026-12-03 00:55-01:05, the same models (fresh preparation: student 0.20, teacher 0.96), quiet and fast machine,
+    # the settings above (128 x 1, M = 4, pg null) with the demo's warm-up (20 training steps) against 3; 20 s of
+    # training, held-out accuracy every 2 s (--budget-s 20 --eval-every-s 2), two runs each (the same seed: the
+    # curves repeat to +- 0.06); "acc" at 0, ~2.5, 4.4, 6.3, 8.2, 10.4, 12.3, 14.2, 16.4, 18.5, 20.2 s of the first run.
+    {"set": ["learner.lr_schedule.warmup_steps=20"], "budget_s": 20, "responses_per_s": 222.5,
+     "acc": [.20, .35, .38, .41, .54, .49, .46, .45, .57, .62, .62]},
+    {"set": ["learner.lr_schedule.warmup_steps=3"], "budget_s": 20, "responses_per_s": 221.5,
+     "acc": [.20, .34, .39, .50, .50, .57, .44, .53, .64, .68, .65]},
 ]
 
 def bench_overrides(cache: Path, args) -> list[str]:
