@@ -14,6 +14,18 @@ import torch
 from tests.builders import DEMO_VOCAB, random_train_batch
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_the_process_group():
+    """The learners here run DeepSpeed in the test process; tear its world down afterwards, DeepSpeed's cached
+    groups with it, so that a later in-process user (vLLM's uni executor destroys and re-creates the world)
+    does not leave the next in-process learner holding a destroyed group."""
+    yield
+    import deepspeed.comm as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> str:
     from tests.builders import save_tiny_student
