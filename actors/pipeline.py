@@ -200,8 +200,9 @@ class Pipeline:
                 await aget([lr.ready.remote() for lr in self.a.learners], "learner (after a failed weight sync)",
                            self.timeout)
                 failure = str(e)
-        # a recovery since this sync began already re-sent the current version to everyone
-        if self.sync_groups == group and not await self.recover(failure):
+        # a recovery since this sync began (before this one, or while it waited for the recovery lock: a
+        # rollout loop that saw the same dead receiver) already re-sent the current version to everyone
+        if self.sync_groups == group and not await self.recover(failure) and self.sync_groups == group:
             raise StageError(failure)
         return {"weight_sync/seconds": 0.0, "weight_sync/bytes": 0.0}
 
@@ -321,13 +322,13 @@ class Pipeline:
         try:
             if await aget(incarnations, "sampler identity", self.timeout) == self.incarnations:
                 return
-            # read before a recovery during this step's weight sync re-formed the group: ask again
-            if refs is not None and await aget([s.incarnation.remote() for s in self.receivers], "sampler identity",
-                                               self.timeout) == self.incarnations:
-                return
         except StageError as e:
             if not e.actor_died:
                 raise
+        if refs is not None:
+            # sent as the step started: a recovery during its weight sync may already have handled the
+            # restart this answer saw (and counted it); ask again before recovering
+            return await self.check_alive()
         await self.recover("a sampler restarted")
 
     def _busy_refs(self) -> list:
