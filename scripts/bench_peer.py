@@ -164,7 +164,7 @@ PIPELINE_TRIALS: list[dict] = [
      "acc": [.20, .35, .38, .41, .54, .49, .46, .45, .57, .62, .62]},
     {"set": ["learner.lr_schedule.warmup_steps=3"], "budget_s": 20, "responses_per_s": 221.5,
      "acc": [.20, .34, .39, .50, .50, .57, .44, .53, .64, .68, .65]},
-    # 2026-12-03 06:11-06:26, the settings above, 40 s of training per run (--lags 1 2 --budget-s 40
+    # 2026-12-03 06:01-06:11, the settings above, 40 s of training per run (--lags 1 2 --budget-s 40
     # --eval-every-s 20), four invocations alternating without and with learner.compile (fused AdamW and the
     # liveness check overlapped with the step in both): responses/s per invocation at η = 1 and η = 2.
     {"set": ["learner.compile=false"], "budget_s": 40, "responses_per_s_lag1": [220.1, 229.4],
