@@ -49,6 +49,7 @@ from learner import drift as drift_mod
 from learner import objectives as obj
 from learner.batch import (LearnerBatch, collate, pad_responses, plan_micro_batches, response_positions,
                            split_mini_batches)
+from learner.compile import compile_layers
 from learner.concurrency import ControlPlane
 from learner.logprobs import LogitProcessing, ResponseLogprobModel
 
@@ -84,54 +85,6 @@ def lr_lambda(schedule: LRSchedule, total_steps: int):
         return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * decay
 
     return f
-
-
-def compile_layers(policy: ResponseLogprobModel, pad_id: int, *, no_grad: bool) -> float:
-    """``learner.compile``: torch.compile every decoder layer (the classes the model lists in
-    ``_no_split_modules``; dynamic shapes, so one graph serves every micro-batch size and length), then run
-    the variants training meets through the model, so that compilation happens here and not inside the first
-    steps: a padded micro-batch (transformers passes an attention mask), an unpadded one (no mask: causal
-    attention) and a single response (batch size 1 is specialised), each with gradient, and without gradient
-    too when ``no_grad`` (the SPEC §1 π_S,old pre-pass of parts 2..M). Evaluation-mode forwards
-    (``compute_logprobs``, checks only) compile on first use. Gradients are cleared afterwards and nothing
-    is stepped. Returns the seconds it took."""
-    t0 = time.perf_counter()
-    blocks = set(getattr(policy.causal_lm, "_no_split_modules", None) or ())
-    layers = [m for m in policy.modules() if type(m).__name__ in blocks]
-    if not layers:
-        raise ValueError(f"learner.compile: {type(policy.causal_lm).__name__} names no decoder-layer class in "
-                         "_no_split_modules, so there is nothing to compile per layer; set learner.compile=false")
-    for layer in layers:
-        layer.compile(dynamic=True)
-    device = policy.head.weight.device
-    vocab = policy.head.weight.shape[0]
-    ids = (torch.arange(16, device=device) * 7 + 3) % vocab
-
-    def run(lengths: list[int], grad: bool) -> None:
-        B, L = len(lengths), max(lengths)
-        ids_BL = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-        attn_BL = torch.zeros((B, L), dtype=torch.long, device=device)
-        for i, n in enumerate(lengths):
-            ids_BL[i, :n], attn_BL[i, :n] = ids[:n], 1
-        rows = torch.arange(B, device=device)
-        cols = torch.tensor([n - 1 for n in lengths], device=device)
-        with torch.set_grad_enabled(grad):
-            out = policy(input_ids_BL=ids_BL, attention_mask_BL=attn_BL, rows_N=rows, cols_N=cols,
-                         token_ids_NJ=ids[:B, None])
-            if grad:
-                out.sum().backward()
-
-    policy.train()
-    try:
-        for grad in (True, False) if no_grad else (True,):
-            for lengths in ([8, 6], [8, 8], [8]):  # padded (a mask), unpadded (none), one response (B = 1)
-                run(lengths, grad)
-    except Exception as e:  # inductor needs a C++ compiler on CPU, Triton on GPUs
-        raise RuntimeError(f"learner.compile: torch.compile of the decoder layers failed while warming up "
-                           f"({type(e).__name__}: {e}); set learner.compile=false") from e
-    for p in policy.parameters():
-        p.grad = None
-    return time.perf_counter() - t0
 
 
 def behaviour_weights(imp: ImportanceConfig, old_logp_BT: torch.Tensor, behave_logp_BT: torch.Tensor,
