@@ -293,8 +293,8 @@ class LearnerConfig(Section):
     compile: bool = Field(
         False, description="torch.compile every decoder layer (the model's `_no_split_modules` blocks, one compiled "
         "graph for all of them, dynamic shapes: per-block compilation as torchtitan and prime-rl do it), warmed up "
-        "on dummy micro-batches when the engine starts, so compilation is set-up time (~20-40 s on the demo's CPU "
-        "learner) rather than the first steps'. Fuses the norms, rotary embeddings and activations around the "
+        "on dummy micro-batches when the engine starts, so compilation is set-up time (8-25 s measured on the demo's "
+        "CPU learner) rather than the first steps'. Fuses the norms, rotary embeddings and activations around the "
         "matmuls. Needs a C++ compiler on CPU (inductor), Triton on GPUs. Not with zero_stage 3 (its hooks gather "
         "parameters inside the layers).")
     gradient_checkpointing: bool = Field(

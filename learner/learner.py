@@ -138,7 +138,7 @@ class Learner(ControlPlane):
             self.compile_s = compile_layers(policy, self.pad_id, no_grad=self.cfg.objective.pg is not None
                                             and self.cfg.mini_batches > 1)
             log.info("learner rank %d: decoder layers compiled and warmed up in %.1fs", self.rank, self.compile_s)
-        torch.manual_seed(self.seed)  # the warm-up's random ids do not shift the training's random stream
+            torch.manual_seed(self.seed)  # the warm-up's training-mode passes (dropout) leave the stream as eager's
         if self.cfg.offload_optimizer:  # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised Adam, not torch's
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
