@@ -107,6 +107,12 @@ PIPELINE_SETTINGS = {
                                 "(set-up, before both clocks, like the samplers' vLLM warm-up): a standalone training "
                                 "step of this bench's batch took 0.34 s against 0.39 s eager; in the paired 2026-12-03 "
                                 "trials 225-237 against 218-229 responses/s"),
+    "sampler.enforce_eager": ("false", "vLLM's own torch.compile of the student's forward (as the cluster configs set "
+                                       "it; compiled while the engine starts, before both clocks): one sampler "
+                                       "generate of 128 responses took 0.35 against 0.44 CPU-s eager, standalone "
+                                       "(2026-12-03 08:55); paired trials below"),
+    "teachers.math_teacher.enforce_eager": ("false", "the same for the teacher's prefill: one 128-response score "
+                                                     "took 0.25 against 0.31-0.34 CPU-s eager, standalone"),
 }
 # Pipeline-only trials at η = 1 (2026-12-02, this machine beside four helper sessions editing code; 120 s of
 # training each, held-out accuracy every 30 s). The demo's own settings (32 × 4) in the 240-s invocation of
@@ -171,6 +177,24 @@ PIPELINE_TRIALS: list[dict] = [
      "responses_per_s_lag2": [217.9, 220.3]},
     {"set": ["learner.compile=true"], "budget_s": 40, "responses_per_s_lag1": [236.8, 224.9],
      "responses_per_s_lag2": [234.5, 226.6]},
+    # 2026-12-03 08:30-08:44, a slow hour of this machine (the same settings read 166-195 against 225-237 at
+    # 06:01), 60 s per run (--lags 1 2 --budget-s 60 --eval-every-s 20), alternating: twice the prompts per
+    # training step with the same 32-response mini-batches (half the steps' fixed cost per response). Not kept:
+    # no faster, and less learned per response (the second 256 run was stopped once this was clear).
+    {"set": ["data.prompts_per_step=128", "learner.mini_batches=4"], "budget_s": 60,
+     "responses_per_s_lag1": [195.5, 166.3], "responses_per_s_lag2": [168.0, 175.3],
+     "acc_lag1": [[.20, .64, .85, .86], [.20, .46, .79, .90]], "acc_lag2": [[.20, .48, .77, .81], [.20, .61, .78, .90]]},
+    {"set": ["data.prompts_per_step=256", "learner.mini_batches=8"], "budget_s": 60,
+     "responses_per_s_lag1": [187.2], "responses_per_s_lag2": [177.7],
+     "acc_lag1": [[.20, .62, .74, .77]], "acc_lag2": [[.20, .64, .77, .78]]},
+    # 2026-12-03 08:46-09:04, the same slow hour, 40 s per run (--lags 1 2 --budget-s 40 --eval-every-s 20),
+    # alternating: the vLLM engines eager against compiled (sampler.enforce_eager=false and the teacher's).
+    # +3% on the means, within the drift of the hour (eager read 176 then 194 at η = 1); kept for the CPU it
+    # saves per response, measured standalone (the settings above).
+    {"set": ["sampler.enforce_eager=true"], "budget_s": 40, "responses_per_s_lag1": [175.8, 194.2],
+     "responses_per_s_lag2": [156.0, 198.2]},
+    {"set": ["sampler.enforce_eager=false", "teachers.math_teacher.enforce_eager=false"], "budget_s": 40,
+     "responses_per_s_lag1": [170.0, 212.9], "responses_per_s_lag2": [179.3, 185.1]},
 ]
 
 def bench_overrides(cache: Path, args) -> list[str]:

@@ -233,3 +233,25 @@ def test_teacher_gpus_must_match_tensor_parallel_size():
                                           r"`tensor_parallel_size` \(2\)"):
         load_config(CLUSTER / "qwen3_1p7b_math_code_1node.yaml",
                     ["teachers.math_teacher.num_gpus=1", "teachers.math_teacher.tensor_parallel_size=2"])
+
+
+def test_peer_bench_settings_load_and_take_effect(tmp_path):
+    """scripts/bench_peer.py's overrides of configs/demo.yaml validate, and each of PIPELINE_SETTINGS reaches the
+    resolved config (a renamed demo teacher or key would otherwise fail only 30 minutes into a bench)."""
+    import argparse
+
+    import yaml
+
+    from scripts import bench_peer
+
+    args = argparse.Namespace(budget_s=10.0, eval_every_s=5.0)
+    cfg = load_config(REPO / "configs/demo.yaml", bench_peer.bench_overrides(tmp_path, args))
+    assert set(cfg.domains) == {bench_peer.DOMAIN} and cfg.student.path == str(tmp_path / "student")
+    dumped = cfg.model_dump()
+    for key, (value, why) in bench_peer.PIPELINE_SETTINGS.items():
+        node = dumped
+        for part in key.split("."):
+            node = node[part]
+        want = yaml.safe_load(value) if isinstance(value, str) else value
+        assert node == want, (key, node, want)
+        assert why
