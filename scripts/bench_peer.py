@@ -205,6 +205,17 @@ PIPELINE_TRIALS: list[dict] = [
     {"set": ["learner.lr_schedule.warmup_steps=1"], "budget_s": 12, "responses_per_s_lag1": [151.0, 163.3],
      "acc_lag1": [[(2.6, .26), (5.6, .41), (8.2, .51), (10.8, .57), (12.7, .56)],
                   [(2.6, .26), (5.4, .41), (8.1, .53), (10.3, .58), (12.6, .59)]]},
+    # 2026-12-03 10:34-10:41, the same models, 12 s per run (--lags 1 --budget-s 12 --eval-every-s 2.5),
+    # alternating: two 64-prompt generate calls per step (sampler.chunk_prompts=64; the teacher scores the first
+    # while the sampler generates the second) against one of 128, for a shorter pipeline fill before step 1.
+    # Inconclusive: the first batch waited 0.52 / 0.88 s against 0.91 / 0.68 s, and the same setting's runs
+    # differ by more than the settings do (159 then 219 responses/s for one call per step).
+    {"set": ["sampler.chunk_prompts=0"], "budget_s": 12, "responses_per_s_lag1": [159.3, 218.7],
+     "first_batch_wait_s": [0.91, 0.68], "acc_lag1": [[(3.4, .34), (5.2, .39), (8.0, .50), (10.8, .50)],
+                                                      [(2.6, .34), (5.3, .48), (7.5, .47), (10.2, .57)]]},
+    {"set": ["sampler.chunk_prompts=64"], "budget_s": 12, "responses_per_s_lag1": [199.2, 161.1],
+     "first_batch_wait_s": [0.52, 0.88], "acc_lag1": [[(3.0, .40), (5.3, .49), (8.2, .46), (10.0, .51)],
+                                                       [(2.7, .34), (6.0, .40), (8.2, .50), (10.2, .37)]]},
 ]
 
 def bench_overrides(cache: Path, args) -> list[str]:
