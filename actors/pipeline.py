@@ -1,14 +1,14 @@
 """The driver: wires every actor and runs the Uni-OPD loop, one coroutine per role.
 
-             admit (SPEC §2)                     per-domain teacher (SPEC §5)
-    dataset ──▶ buffer ──prompts──▶ sampler ──▶ verifier ──▶ teacher[d] ──▶ buffer
-                  │   (vLLM, behaviour       (outcome)     (prefill log-probs)   │
-                  │    log-probs, version)                                       │
-                  │◀── balance §3.2 · calibrate §4 · lag check §2 ───────────────┘
+             admit (SPEC §2)                 ┌──▶ verifier (outcome) ──────────────┐
+    dataset ──▶ buffer ──prompts──▶ sampler ─┤                                     ├──▶ buffer
+                  │   (vLLM, behaviour       └──▶ teacher[d] (prefill log-probs) ──┘    │
+                  │    log-probs, version)       per-domain teacher (SPEC §5)           │
+                  │◀── balance §3.2 · calibrate §4 · lag check §2 ──────────────────────┘
                   └──TrainBatch──▶ learner (DeepSpeed) ──weights (gloo|nccl)──▶ samplers
 
 Roles, each a loop of ``Pipeline.train_loop``:
-- rollout loops (``max_inflight_chunks`` per sampler): admit → generate → verify → score →
+- rollout loops (``max_inflight_chunks`` per sampler): admit → generate → (verify ∥ score) →
   add. The buffer parks an admission until SPEC §2 allows it and releases groups in
   admission order; the scored data goes actor to actor as Ray object refs, never through
   this process.
@@ -43,7 +43,7 @@ from actors.vocab_check import check_tokenizers
 from buffers.dataset import LoadedSource, as_prompts, load_sources
 from buffers.formatting import resolve_chat_template
 from buffers.records import Prompt
-from buffers.scoring import ScorerRefs, scoring_rule
+from buffers.scoring import ChainRefs, ScorerRefs, scoring_rule
 from configs.schema import (ConfigError, RunConfig, check_paths, combination_of, dump_config, reference_of,
                            teacher_names)
 
@@ -154,10 +154,12 @@ class Pipeline:
 
     # -- the stages ---------------------------------------------------------------------------
     def produce_on(self, i: int, prompts: list[Prompt]) -> list:
-        """Launch sampler i → verifier → teacher[domain] chains for ``prompts``, one generate call
-        per domain so each chain's rollouts go to one teacher; returns the teachers' scored refs
-        (for ``buffer.add_chain``) without waiting. A domain with several scorers (SPEC §5 teachers, the
-        §6 extrapolation reference) sends the verified ref to each; the buffer combines their answers."""
+        """Launch sampler i → (verifier ∥ teacher[domain]) chains for ``prompts``, one generate call per
+        domain so each chain's rollouts go to one teacher; returns one ``ChainRefs`` per chain (for
+        ``buffer.add_chain``) without waiting. The teacher scores the sampler's rollouts while the verifier
+        grades them (the prefill does not read the outcome); the buffer joins the verdicts. A domain with
+        several scorers (SPEC §5 teachers, the §6 extrapolation reference) sends the rollouts ref to each;
+        the buffer combines their answers."""
         by_dom: dict[str, list[Prompt]] = defaultdict(list)
         for p in prompts:
             by_dom[p.domain].append(p)
@@ -171,12 +173,13 @@ class Pipeline:
             verified = self.a.verifier.verify.remote(rollouts)
             routing = self.cfg.domains[dom].routing
             if rule is not None:  # several scorers, combined in the buffer (buffers/scoring.py)
-                refs.append(ScorerRefs(rule, [self.router.pick_teacher(t).score.remote(verified) for t in rule.scorers]))
+                scored = ScorerRefs(rule, [self.router.pick_teacher(t).score.remote(rollouts) for t in rule.scorers])
             elif routing.type == "dopd":  # the privileged student re-scores and routes each token (actors/dopd.py)
-                refs.append(self.router.pick_teacher(routing.student).route.remote(teacher.score.remote(verified),
-                                                                                   routing))
+                scored = self.router.pick_teacher(routing.student).route.remote(teacher.score.remote(rollouts),
+                                                                                routing)
             else:
-                refs.append(teacher.score.remote(verified))
+                scored = teacher.score.remote(rollouts)
+            refs.append(ChainRefs(verified, scored))
         return refs
 
     def send_weights(self, version: int) -> list:
@@ -221,12 +224,12 @@ class Pipeline:
 
     # -- one loop per role ----------------------------------------------------------------------
     async def rollout_loop(self, i: int) -> None:
-        """admit → generate → verify → score → add, on sampler i, until admission closes."""
+        """admit → generate → (verify ∥ score) → add, on sampler i, until admission closes."""
         cfg = self.cfg
         chunk = cfg.sampler.chunk_prompts or max(1, -(-cfg.data.prompts_per_step // len(self.a.samplers)))
         while prompts := await self.a.buffer.admit_wait.remote(chunk):
             added = self.a.buffer.add_chain.remote([p.uid for p in prompts], self.produce_on(i, prompts))
-            failure = await aget(added, f"rollout on sampler {i} (sample → verify → teacher → buffer)",
+            failure = await aget(added, f"rollout on sampler {i} (sample → verify and teacher → buffer)",
                                  self.timeout)
             if failure:  # the buffer requeued the chunk's unfinished prompts
                 await self.recover(f"rollout on sampler {i}: {failure}")

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from buffers.records import Prompt, Rollout, VerifiedRollout
+from buffers.records import Prompt, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +154,15 @@ def sample_responses(cfg, prompts: list[Prompt], n: int, out: Path, batch: int) 
     return rows
 
 
-def _responses(out: Path, prompts: list[Prompt], batch: int) -> Iterator[tuple[np.ndarray, list[VerifiedRollout]]]:
+def _responses(out: Path, prompts: list[Prompt], batch: int) -> Iterator[tuple[np.ndarray, list[Rollout]]]:
     table = pa.ipc.open_file(pa.memory_map(str(out / RESPONSES))).read_all()
     for c in range(0, table.num_rows, batch):
         part = table.slice(c, batch)
         rows = part.column("prompt_row").to_numpy()
-        vs = [VerifiedRollout(Rollout(prompts[int(i)], 0, pids, rids, np.zeros(0, np.float32), 0, "", "stop"),
-                              False, "mismatch")
+        rs = [Rollout(prompts[int(i)], 0, pids, rids, np.zeros(0, np.float32), 0, "", "stop")
               for i, pids, rids in zip(rows, part.column("prompt_ids").to_pylist(),
                                        part.column("response_ids").to_pylist(), strict=True)]
-        yield rows, vs
+        yield rows, rs
 
 
 def confidence(name: str, model_cfg, prompts: list[Prompt], out: Path, *, max_model_len: int,
@@ -173,8 +172,8 @@ def confidence(name: str, model_cfg, prompts: list[Prompt], out: Path, *, max_mo
 
     engine = Teacher(name, model_cfg, top_k=1, max_model_len=max_model_len)
     sums = ConfidenceSums(len(prompts))
-    for rows, vs in _responses(out, prompts, batch):
-        for i, s in zip(rows, engine.score(vs), strict=True):
+    for rows, rs in _responses(out, prompts, batch):
+        for i, s in zip(rows, engine.score(rs), strict=True):
             if s.status != "ok" or s.teacher is None or s.teacher.topk_logprobs_TK is None:
                 sums.failed += 1
                 continue

@@ -47,7 +47,7 @@ import ray
 
 from actors import dopd
 from actors.weight_receiver import WeightReceiver, transfer_config
-from buffers.records import Prompt, ScoredRollout, TeacherScore, VerifiedRollout
+from buffers.records import Prompt, Rollout, ScoredRollout, TeacherScore, VerifiedRollout
 from configs.schema import DOPDRouting, TeacherConfig
 from learner.concurrency import CONTROL
 
@@ -308,8 +308,10 @@ class Teacher(WeightReceiver):
         self.llm.generate([TokensPrompt(prompt_token_ids=self._probe_ids())], params, use_tqdm=False)
         log.info("teacher %s: warmed up in %.1fs", self.name, time.perf_counter() - t0)
 
-    def score(self, rollouts: list[VerifiedRollout]) -> list[ScoredRollout]:
-        """Teacher log-probs of each rollout's response tokens (SPEC §1), in input order.
+    def score(self, rollouts: list[Rollout | VerifiedRollout]) -> list[ScoredRollout]:
+        """Teacher log-probs of each rollout's response tokens (SPEC §1), in input order. The outcome is not
+        read: the pipeline passes the sampler's rollouts while the verifier grades them, and the buffer joins
+        the verdicts (``ScoredRollout.verified`` is ``unverified`` until then, buffers/scoring.py ``ChainRefs``).
 
         Raises ``TeacherOOMError`` on out-of-memory. Any other error marks that micro-batch's
         rollouts ``failed`` (teacher None) and counts them.
@@ -319,6 +321,7 @@ class Teacher(WeightReceiver):
         if delay:
             time.sleep(rng.uniform(0, delay))  # fault injection (config `chaos`), not counted as busy
         t0 = time.perf_counter()
+        rollouts = [VerifiedRollout.of(r) for r in rollouts]
         try:
             result: list[ScoredRollout | None] = [None] * len(rollouts)
             todo: list[int] = []

@@ -182,10 +182,11 @@ class CachedTeacher(ControlPlane):
         self.busy_s += time.perf_counter() - t0
         return out
 
-    def score(self, verified: list[VerifiedRollout]) -> list[ScoredRollout]:
-        """The cached teacher log-probs (and top-k) of each rollout's kept tokens, in input order."""
+    def score(self, rollouts: list[Rollout | VerifiedRollout]) -> list[ScoredRollout]:
+        """The cached teacher log-probs (and top-k) of each rollout's kept tokens, in input order (the outcome
+        is not read: ``Teacher.score``)."""
         t0, out = time.perf_counter(), []
-        for v in verified:
+        for v in map(VerifiedRollout.of, rollouts):
             r = v.rollout
             i = self._row(r.prompt, r.sample_idx)
             T = len(r.response_ids)
@@ -287,7 +288,7 @@ def build_cache(cfg, src, *, response_key: str, teacher_path: str, out: str | Pa
 
     def batches():
         for c in range(0, len(rollouts), batch):
-            scored = engine.score([VerifiedRollout(r, False, "mismatch") for r in rollouts[c:c + batch]])
+            scored = engine.score(rollouts[c:c + batch])
             bad = [s for s in scored if s.status != "ok"]
             if bad:
                 raise RuntimeError(f"the teacher could not score {len(bad)} responses (first: prompt "

@@ -24,7 +24,7 @@ import ray
 
 from buffers.records import Prompt, ScoredRollout, TrainBatch
 from buffers.replay import ReplayBuffer
-from buffers.scoring import ScorerRefs, combine
+from buffers.scoring import ChainRefs, ScorerRefs, combine, with_verdicts
 from learner.errors import PartialWeightsError
 
 
@@ -97,7 +97,11 @@ class BufferActor(ReplayBuffer):
 
     async def _scored(self, ref) -> list[ScoredRollout]:
         """One chain's scored rollouts: a teacher's answer, or every scorer's, each counted in its own
-        failure window (a teacher that keeps failing still stops the run), then combined."""
+        failure window (a teacher that keeps failing still stops the run), then combined; with the
+        verifier's verdicts joined in when the chain graded and scored side by side (``ChainRefs``)."""
+        if isinstance(ref, ChainRefs):
+            scored = await self._scored(ref.scored)
+            return with_verdicts(scored, await ref.verified)
         if not isinstance(ref, ScorerRefs):
             return await ref
         answers = [await r for r in ref.refs]

@@ -91,6 +91,9 @@ Reason = Literal[
     "unsupported", "harness_error",
     # any domain: the grader raised (the response is incorrect, the run goes on)
     "verifier_error",
+    # not graded yet: a teacher scores a chain's rollouts while the verifier grades them (actors/pipeline.py),
+    # and the buffer puts the verifier's verdict in its place (``with_verdicts``); never reaches a group
+    "unverified",
 ]
 REASONS: frozenset[str] = frozenset(get_args(Reason))
 
@@ -110,6 +113,11 @@ class VerifiedRollout:
     correct: bool
     reason: Reason
     detail: str = ""
+
+    @staticmethod
+    def of(r: Rollout | VerifiedRollout) -> VerifiedRollout:
+        """A verified rollout as it is; a bare one marked ``unverified`` (scored before its verdict)."""
+        return r if isinstance(r, VerifiedRollout) else VerifiedRollout(r, False, "unverified")
 
 
 @dataclass(frozen=True)

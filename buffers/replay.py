@@ -171,6 +171,9 @@ class ReplayBuffer:
         done = 0
         self._count_teacher_failures(scored)
         for s in scored:
+            if s.verified.reason == "unverified":
+                raise RuntimeError("a scored rollout reached the buffer without its verdict: a chain that grades "
+                                   "and scores side by side must be added as ChainRefs (buffers/scoring.py)")
             uid = s.rollout.prompt.uid
             if uid not in self.running:
                 self.counters["orphan_responses"] += 1

@@ -35,11 +35,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from buffers.records import CliffStats, ScoredRollout, TeacherMix, TeacherScore
+from buffers.records import CliffStats, ScoredRollout, TeacherMix, TeacherScore, VerifiedRollout
 from configs.privileged import DOPD_REGIMES
 from configs.schema import ConfidenceWeights, EqualWeights, RunConfig, combination_of, reference_of, teacher_names
 
@@ -90,6 +90,28 @@ class ScorerRefs:
 
     rule: ScoringRule
     refs: list
+
+
+@dataclass(frozen=True)
+class ChainRefs:
+    """One chain's two answers for the same rollouts, computed side by side: the verifier's verdicts (a ref to
+    ``list[VerifiedRollout]``) and the teachers' scores (a ref to ``list[ScoredRollout]``, or a ``ScorerRefs``).
+    The teacher does not need the outcome, so it scores while the verifier grades, and a chain takes
+    max(verify, score) instead of their sum (a code sandbox's seconds no longer delay the teacher's prefill);
+    the buffer joins the two with ``with_verdicts``."""
+
+    verified: object
+    scored: object
+
+
+def with_verdicts(scored: list[ScoredRollout], verified: list[VerifiedRollout]) -> list[ScoredRollout]:
+    """Each scored rollout with the verifier's verdict in place of its ``unverified`` mark. Raises if the two
+    lists do not hold the same responses in the same order (both came from one generate ref: a bug)."""
+    keys = [(s.rollout.prompt.uid, s.rollout.sample_idx) for s in scored]
+    if keys != [(v.rollout.prompt.uid, v.rollout.sample_idx) for v in verified]:
+        raise RuntimeError(f"the verifier and the teacher answered for different responses ({len(verified)} "
+                           f"verdicts, {len(scored)} scores)")
+    return [replace(s, verified=v) for s, v in zip(scored, verified)]
 
 
 def teacher_weights(confidence_K: np.ndarray, answered_K: np.ndarray,

@@ -143,3 +143,55 @@ def test_actor_requeues_a_chain_that_met_partial_weights_and_raises_any_other_ta
             raise AssertionError("a task error that is not a partial-weights refusal must stop the run")
 
     asyncio.run(scenario())
+
+
+def test_verdicts_join_the_scores_of_a_chain_graded_and_scored_side_by_side():
+    """The teacher scores the sampler's rollouts while the verifier grades them (``ChainRefs``): the buffer
+    puts each verdict in place of the teacher's ``unverified`` mark, whichever answer lands first."""
+    from buffers.scoring import ChainRefs
+
+    def unverified(p: Prompt) -> list[ScoredRollout]:
+        return [ScoredRollout(VerifiedRollout.of(s.rollout), s.teacher, "t", "ok") for s in _scored(p)]
+
+    def verdicts(p: Prompt, correct: list[bool]) -> list[VerifiedRollout]:
+        return [VerifiedRollout(s.rollout, c, "match" if c else "mismatch") for s, c in zip(_scored(p), correct)]
+
+    async def scenario():
+        buf = _buffer(BufferActor, max_lag=2, k=3)
+        loop = asyncio.get_running_loop()
+        a, b = await buf.admit_wait(2)
+        fv, fs = loop.create_future(), loop.create_future()
+        adding = asyncio.create_task(buf.add_chain([a.uid], [ChainRefs(fv, fs)]))
+        fs.set_result(unverified(a))  # the teacher answers first
+        await asyncio.sleep(0.01)
+        assert not adding.done() and buf.num_ready() == 0  # no group without its verdicts
+        fv.set_result(verdicts(a, [False, True]))
+        assert await adding is None
+        got, _ = await buf.next_batch()
+        assert [s.correct for s in got.samples] == [False, True]  # the verifier's, not the mark's
+
+        # answers for different responses (a bug upstream) stop the run instead of mixing verdicts
+        fv2, fs2 = loop.create_future(), loop.create_future()
+        fs2.set_result(unverified(b))
+        fv2.set_result(verdicts(b, [True, True])[::-1])
+        try:
+            await buf.add_chain([b.uid], [ChainRefs(fv2, fs2)])
+        except RuntimeError as e:
+            assert "different responses" in str(e)
+        else:
+            raise AssertionError("misaligned verdicts were joined")
+
+    asyncio.run(scenario())
+
+
+def test_a_score_without_its_verdict_is_refused():
+    """A chain that skipped the join would train every response as incorrect: the buffer refuses it."""
+    buf = _buffer()
+    (a,) = buf.admit(1)
+    bare = [ScoredRollout(VerifiedRollout.of(s.rollout), s.teacher, "t", "ok") for s in _scored(a)]
+    try:
+        buf.add(bare)
+    except RuntimeError as e:
+        assert "without its verdict" in str(e)
+    else:
+        raise AssertionError("an unverified score was added")
