@@ -216,6 +216,24 @@ PIPELINE_TRIALS: list[dict] = [
     {"set": ["sampler.chunk_prompts=64"], "budget_s": 12, "responses_per_s_lag1": [199.2, 161.1],
      "first_batch_wait_s": [0.52, 0.88], "acc_lag1": [[(3.0, .40), (5.3, .49), (8.2, .46), (10.0, .51)],
                                                        [(2.7, .34), (6.0, .40), (8.2, .50), (10.2, .37)]]},
+    # 2026-12-03 12:12-12:17, a new preparation (student 0.13, teacher 0.94), a fast hour, 30 s per run (--skip-peer
+    # --lags 1 --budget-s 30 --eval-every-s 30), alternating: the code before and after the teacher scores while the
+    # verifier grades (d600d27; before it, verify then score). No change in steady-state responses/s (the
+    # learner, not the chain, sets the step); the first batch waited 0.94 / 0.67 s (two Ray-timeline probes)
+    # against 0.62 s (one) (the first verify, 0.22 s of math-verify parsing of the untrained student's answers, is now
+    # beside the teacher's score instead of before it). Kept for real sizes: a code sandbox's seconds no longer
+    # delay the teacher's prefill.
+    {"code": "c795329 (verify, then score)", "budget_s": 30, "responses_per_s_lag1": [301.7, 301.4]},
+    {"code": "d600d27 (verify beside score)", "budget_s": 30, "responses_per_s_lag1": [300.2, 292.0]},
+    # 12:17-12:32, the same: the sampler's and teacher's processes at a higher CPU niceness (os.setpriority on
+    # every thread at actor start, code not kept), so the learner, driver and buffer would take a shared core
+    # first. Ray already starts every worker at niceness 15 (the driver at 0), so 10 changed nothing; 19
+    # against 15 did not move responses/s (the learner was idle 24% of the time at η = 1 in the 11:52
+    # invocation: it is not starved of a core).
+    {"code": "sampler and teacher at niceness 10 (Ray's workers: 15)", "budget_s": 30,
+     "responses_per_s_lag1": [293.8, 305.3, 295.6], "against_default": [297.5, 314.1]},
+    {"code": "sampler and teacher at niceness 19", "budget_s": 30, "responses_per_s_lag1": [298.3, 283.2],
+     "against_default": [294.7, 294.2]},
 ]
 
 def bench_overrides(cache: Path, args) -> list[str]:
@@ -262,6 +280,19 @@ def machine_info() -> dict:
 
 def first_time(curve: list[dict], ok) -> float | None:
     return next((c["train_s"] for c in curve if ok(c["accuracy"])), None)
+
+
+def crossing_time(curve: list[dict], target: float) -> float | None:
+    """Where the curve first reaches ``target``, linearly interpolated between the evaluation before and the
+    first one at or above it: an estimate finer than the evaluation grid, for when systems cross at the same
+    evaluation (then ``first_time`` orders them only by where their step boundaries fell past the mark)."""
+    for prev, c in zip(curve, curve[1:]):
+        if c["accuracy"] >= target - 1e-9:
+            if prev["accuracy"] >= target - 1e-9:
+                return prev["train_s"]
+            f = (target - prev["accuracy"]) / (c["accuracy"] - prev["accuracy"])
+            return round(prev["train_s"] + f * (c["train_s"] - prev["train_s"]), 3)
+    return curve[0]["train_s"] if curve and curve[0]["accuracy"] >= target - 1e-9 else None
 
 
 # ---------------------------------------------------------------------------------------- this pipeline
@@ -527,6 +558,8 @@ def summarize(result: dict, out: str) -> None:
     for s in systems.values():
         s["seconds_to_plus20"] = first_time(s["curve"], lambda a: a >= start + PLUS - 1e-9)
         s["seconds_to_within5"] = first_time(s["curve"], lambda a: a >= teacher - WITHIN - 1e-9)
+        s["seconds_to_plus20_interpolated"] = crossing_time(s["curve"], start + PLUS)
+        s["seconds_to_within5_interpolated"] = crossing_time(s["curve"], teacher - WITHIN)
         late = [c["accuracy"] for c in s["curve"] if c["train_s"] >= PLATEAU_FROM * budget_s]
         s["plateau_accuracy"] = round(sum(late) / len(late), 4) if late else None
     result["best_of_lags"] = {
@@ -550,6 +583,9 @@ def summarize(result: dict, out: str) -> None:
               f"{never(s['seconds_to_plus20']):>12}"
               f"{never(s['seconds_to_within5']):>13}{s['curve'][-1]['accuracy']:>11.3f}"
               f"{never_acc(s['plateau_accuracy']):>9}{marks}")
+    print("interpolated between the evaluations around each crossing (finer than the grid; an estimate): "
+          + "; ".join(f"{n} +20 {never(s['seconds_to_plus20_interpolated'])}, within 5 "
+                      f"{never(s['seconds_to_within5_interpolated'])}" for n, s in systems.items()))
     print(f"plateau: mean held-out accuracy of the evaluations from {PLATEAU_FROM:g} x the budget on "
           "(each evaluation alone is +- ~0.04 on 100 prompts)")
     print("\nheld-out accuracy every", f"{eval_every_s:g} training s (first evaluation at or past each mark):")
