@@ -104,11 +104,15 @@ class ChainRefs:
     scored: object
 
 
+def _responses(items: list[ScoredRollout] | list[VerifiedRollout]) -> list[tuple[int, int]]:
+    """Which responses a list holds, in order: (prompt uid, sample index) of each."""
+    return [(x.rollout.prompt.uid, x.rollout.sample_idx) for x in items]
+
+
 def with_verdicts(scored: list[ScoredRollout], verified: list[VerifiedRollout]) -> list[ScoredRollout]:
     """Each scored rollout with the verifier's verdict in place of its ``unverified`` mark. Raises if the two
     lists do not hold the same responses in the same order (both came from one generate ref: a bug)."""
-    keys = [(s.rollout.prompt.uid, s.rollout.sample_idx) for s in scored]
-    if keys != [(v.rollout.prompt.uid, v.rollout.sample_idx) for v in verified]:
+    if _responses(scored) != _responses(verified):
         raise RuntimeError(f"the verifier and the teacher answered for different responses ({len(verified)} "
                            f"verdicts, {len(scored)} scores)")
     return [replace(s, verified=v) for s, v in zip(scored, verified)]
@@ -215,7 +219,7 @@ def combine(rule: ScoringRule, per_scorer: list[list[ScoredRollout]]) -> list[Sc
     same responses in the same order (they all scored one verified ref, so that would be a bug)."""
     if len(per_scorer) != len(rule.scorers):
         raise ValueError(f"{rule.domain}: {len(per_scorer)} answers for scorers {list(rule.scorers)}")
-    keys = [[(s.rollout.prompt.uid, s.rollout.sample_idx) for s in scored] for scored in per_scorer]
+    keys = [_responses(scored) for scored in per_scorer]
     if any(k != keys[0] for k in keys[1:]):
         raise RuntimeError(f"{rule.domain}: scorers {list(rule.scorers)} answered for different responses")
     return [_combine_one(rule, list(one)) for one in zip(*per_scorer)]
