@@ -71,6 +71,18 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
+def thread_sched_s() -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for a core) of the calling thread since it
+    started, from the kernel's /proc/thread-self/schedstat; (nan, nan) where that file is absent
+    (not Linux, or a kernel without schedstats). A step's wall time minus both is time the thread
+    was blocked (a lock, a collective, I/O)."""
+    try:
+        on_cpu, waiting = open("/proc/thread-self/schedstat").read().split()[:2]
+    except (OSError, ValueError):
+        return math.nan, math.nan
+    return int(on_cpu) / 1e9, int(waiting) / 1e9
+
+
 def lr_lambda(schedule: LRSchedule, total_steps: int):
     """``learner.lr_schedule`` as a LambdaLR factor: linear warm-up, then constant, or cosine / linear
     decay to ``min_lr_ratio`` at ``total_steps``."""
@@ -309,7 +321,7 @@ class Learner(ControlPlane):
         """One training step on this rank's share of ``batch``: ``learner.mini_batches`` optimizer steps, one per
         part (``split_mini_batches``). Returns metrics (rank-local): rates averaged over the parts by size,
         counts summed, ``lr`` the last."""
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, (on0, wait0) = time.perf_counter(), time.process_time(), thread_sched_s()
         self.engine.train()
         parts = split_mini_batches(batch, self.cfg.mini_batches)
         olds: list[dict[int, tuple[np.ndarray, np.ndarray]] | None] = [None] * len(parts)
@@ -322,7 +334,12 @@ class Learner(ControlPlane):
         self.skipped_steps += int(agg["skipped_nonfinite"])
         dt = time.perf_counter() - t0
         self.busy_s += dt
-        agg.update({"step_s": dt, "step_cpu_s": time.process_time() - c0, "optimizer_steps": float(len(parts))})
+        on1, wait1 = thread_sched_s()
+        # step_cpu_s: every thread of the process; the thread_ pair: this one (the step's compute with one
+        # torch thread), on a core and waiting for one: on a shared node, how much of step_s the learner
+        # lost to other processes taking its core
+        agg.update({"step_s": dt, "step_cpu_s": time.process_time() - c0, "step_thread_cpu_s": on1 - on0,
+                    "step_thread_core_wait_s": wait1 - wait0, "optimizer_steps": float(len(parts))})
         return agg
 
     def _plan(self, part: TrainBatch) -> tuple[list[int], list[list[list[int]]]]:

@@ -30,6 +30,10 @@ Ray's own processes (raylet, GCS, agents, idle workers) and anything else on the
 (``other``). The parts add up to cores × step time. ``method_wall`` (not part of the sum) is
 the wall time per step inside each role's actor methods (Ray's task events): where it exceeds
 the role's CPU, the role was waiting inside its methods (for a core, or in its engine).
+``learner_step`` (per pipeline mode) splits the learner's train step from inside it: wall = the
+stepping thread's seconds on a core + runnable but waiting for a core (the kernel's schedstat) +
+blocked, so a learner slower than its CPU time is shown queued behind other processes or waiting
+on something else.
 Held-out evaluation is switched off: only throughput counts.
 """
 
@@ -174,6 +178,32 @@ def breakdown(cpu_by_label: dict[str, float], task_s: dict[str, float], busy: fl
     return out
 
 
+LEARNER_STEP_KEYS = {"learner/step_s": "wall", "learner/step_thread_cpu_s": "on_cpu",
+                     "learner/step_thread_core_wait_s": "core_wait"}
+
+
+def learner_step_times(run_dir: Path) -> dict[str, float]:
+    """The learner's own account of its train step (TensorBoard scalars, mean over the run's steps after
+    the first, whose one-time set-up is not per-step work): the step's wall seconds; the stepping
+    thread's seconds on a core and runnable but waiting for one (/proc/thread-self/schedstat, see
+    ``learner.learner.thread_sched_s``); and the rest of the wall time, blocked (a lock, a collective,
+    I/O). Where ``core_wait`` is most of wall − on_cpu, the learner was queued behind other processes
+    for a core; where ``blocked`` is, it waited on something else."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags().get("scalars", []))
+    out = {}
+    for tag, name in LEARNER_STEP_KEYS.items():
+        vals = [e.value for e in ea.Scalars(tag)][1:] if tag in tags else []
+        if vals and all(math.isfinite(v) for v in vals):
+            out[name] = sum(vals) / len(vals)
+    if len(out) == len(LEARNER_STEP_KEYS):
+        out["blocked"] = max(0.0, out["wall"] - out["on_cpu"] - out["core_wait"])
+    return out
+
+
 def measure_ceiling(cfg, prompts, n_prompts: int) -> dict[str, float]:
     """The samplers alone: generate ``n_prompts`` prompts (× n responses), chunks as in training."""
     import ray
@@ -252,7 +282,7 @@ def run_mode(config, overrides, name: str, steps: int, lag: int, cpu: CpuSampler
     task_s = task_seconds(*window, 1) if window else {}
     out |= {"seconds": s["train_seconds"], "step_s": s["train_seconds"] / steps,
             "cpu_busy_frac": frac, "cpu_s_per_step": busy / steps if busy is not None else None,
-            "task_s_per_step": task_seconds(t0, t1, steps)}
+            "task_s_per_step": task_seconds(t0, t1, steps), "learner_step": learner_step_times(cfg.run_dir)}
     if window and busy is not None:
         wall = window[1] - window[0]
         out["breakdown"] = breakdown(procs.cpu_by_label(*window), task_s, busy, steps, wall / steps,
@@ -414,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in modes.items():
         if m.get("cpu_busy_frac") is not None:
             print(f"  {name:<12} busy {m['cpu_busy_frac']:.2f} of all cores, {m['cpu_s_per_step']:.2f} CPU-s per step")
+    print("\nthe learner's train step, its own account (seconds per step; on_cpu + core_wait + blocked = wall):")
+    for name, m in modes.items():
+        if m.get("learner_step"):
+            print(f"  {name:<12} " + "  ".join(f"{k} {v:.3f}" for k, v in m["learner_step"].items()))
     rows = [m for m in modes if "breakdown" in modes[m]]
     if rows:
         keys = list(modes[rows[0]]["breakdown"])
