@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import ray
@@ -509,9 +510,12 @@ def _logged_plan(cfg: RunConfig, data: "RunData"):
     yield
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, after_step: Callable[[int, float, Pipeline], None] | None = None) -> dict:
     """Validate inputs, start Ray and the actors, evaluate (or resume), train ``run.steps`` steps,
-    finish; returns the run's summary (``RunSummary`` as a dict, also in ``summary.json``)."""
+    finish; returns the run's summary (``RunSummary`` as a dict, also in ``summary.json``).
+
+    ``after_step(step, train_seconds, pipeline)``, when given, is called in the driver after each step's
+    bookkeeping, on the training clock (scripts/bench_peer.py saves the student's weights there)."""
     check_paths(cfg)
     data = load_data(cfg)
     run_dir, ckpt = _run_dir(cfg)
@@ -523,7 +527,7 @@ def run(cfg: RunConfig) -> dict:
             src.label: {"prompts": len(src), "skipped_bad_rows": src.skipped, "skipped_overlong": src.overlong}
             for src in data.train})
         evaluate = (lambda: evaluate_student(cfg, pipe.a, data.heldout)) if data.heldout else None
-        progress = Progress(cfg, summary, writer, run_dir, evaluate, pipe)
+        progress = Progress(cfg, summary, writer, run_dir, evaluate, pipe, after_step)
         if ckpt is None and evaluate:
             if cfg.run.eval_teachers:
                 summary.accuracy["teacher"] = progress.excluded(

@@ -89,9 +89,10 @@ class Progress:
     """Per-step bookkeeping of one run (see the module docstring)."""
 
     def __init__(self, cfg: RunConfig, summary: RunSummary, writer: MetricsWriter, run_dir: Path,
-                 evaluate: Callable[[], dict[str, float]] | None, pipe) -> None:
-        self.cfg, self.s, self.writer, self.run_dir, self._evaluate, self.pipe = \
-            cfg, summary, writer, run_dir, evaluate, pipe
+                 evaluate: Callable[[], dict[str, float]] | None, pipe,
+                 after_step: Callable[[int, float, object], None] | None = None) -> None:
+        self.cfg, self.s, self.writer, self.run_dir, self._evaluate, self.pipe, self.after_step = \
+            cfg, summary, writer, run_dir, evaluate, pipe, after_step
         self.t0 = time.perf_counter()
         self.seconds0 = summary.totals.seconds
         self.faults0 = summary.actor_failures
@@ -144,6 +145,8 @@ class Progress:
         k = self.cfg.learner.checkpoint_every
         if k and step % k == 0 and step != self.cfg.run.steps:
             self.save_checkpoint(step)
+        if self.after_step is not None:
+            self.after_step(step, elapsed, self.pipe)
 
     def excluded(self, fn: Callable[[], dict[str, float]]) -> dict[str, float]:
         """Run ``fn`` (an evaluation) with its time excluded from training time."""

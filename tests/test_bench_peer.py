@@ -1,5 +1,6 @@
 """``bench_peer.crossing_time``: where a held-out curve first reaches a target, interpolated between the two
-evaluations around the crossing (hand-computed numbers)."""
+evaluations around the crossing; ``SnapshotGrid``: at which step ends each system keeps a copy of its weights
+(hand-computed numbers)."""
 
 from scripts.bench_peer import crossing_time, first_time
 
@@ -22,3 +23,22 @@ def test_a_dip_after_a_crossing_does_not_move_it_and_never_is_none():
     assert crossing_time(c, 0.9) == 9.444  # 5 + 0.4 / 0.45 × 5: between 5 s (0.5) and 10 s (0.95)
     assert crossing_time(c, 0.99) is None
     assert crossing_time(c, 0.1) == 0  # already there at the start
+
+
+def test_copies_every_fine_mark_then_every_coarse_one_once_per_step():
+    from scripts.bench_peer import SnapshotGrid
+
+    g = SnapshotGrid(every_s=5, fine_every_s=0.5, fine_until_s=2)
+    # step ends (training s) -> whether a copy is kept: marks 0.5, 1.0, 1.5, 2.0, then 5, 10, 15
+    ends = [0.3, 0.6, 0.9, 1.4, 2.3, 2.9, 4.99, 5.01, 9.0, 16.0, 17.0]
+    kept = [t for t in ends if g.due(t)]
+    # 0.6 (mark 0.5), 1.4 (1.0), 2.3 (1.5 and 2.0 at once: one copy), 5.01 (5), 16.0 (10 and 15: one copy)
+    assert kept == [0.6, 1.4, 2.3, 5.01, 16.0]
+    assert g.next == 20
+
+
+def test_without_a_fine_grid_every_coarse_mark():
+    from scripts.bench_peer import SnapshotGrid
+
+    g = SnapshotGrid(every_s=5)
+    assert [t for t in (4.0, 5.0, 6.0, 10.2, 14.9, 15.0) if g.due(t)] == [5.0, 10.2, 15.0]
