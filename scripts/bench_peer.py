@@ -199,9 +199,12 @@ def evaluate_snapshots(cfg, snaps: list[dict], load) -> list[dict]:
     """The accuracy curve of kept copies: ``load(snap)`` puts one copy's weights into a model it returns, which
     ``hf_greedy_accuracy`` decodes on the held-out prompts; the curve keeps each copy's clock, step and
     responses."""
+    from transformers.utils import logging as hf_logging
+
     from actors.pipeline import load_data
     from actors.verifier import Verifier
 
+    hf_logging.disable_progress_bar()  # a bar per loaded copy
     data, verifier = load_data(cfg), Verifier(cfg.domains)
     tok = _tokenizer(cfg)
     curve = []
