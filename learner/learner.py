@@ -77,7 +77,8 @@ def thread_sched_s() -> tuple[float, float]:
     (not Linux, or a kernel without schedstats). A step's wall time minus both is time the thread
     was blocked (a lock, a collective, I/O)."""
     try:
-        on_cpu, waiting = open("/proc/thread-self/schedstat").read().split()[:2]
+        with open("/proc/thread-self/schedstat") as f:
+            on_cpu, waiting = f.read().split()[:2]
     except (OSError, ValueError):
         return math.nan, math.nan
     return int(on_cpu) / 1e9, int(waiting) / 1e9
