@@ -15,9 +15,8 @@ this one invocation:
 * TRL 1.13's ``DistillationTrainer`` (a subprocess, so its torch threads do not fight Ray's actors):
   transformers generation (no vLLM on CPU), conversational prompts rendered by the student tokenizer's
   chat template (the script asserts that the prompt ids TRL produces equal the pipeline's), the same
-  max new tokens and temperature, fp32. A ``TrainerCallback`` keeps a training clock that excludes
-  evaluations, greedy-decodes the held-out prompts with HF ``generate`` every ``--eval-every-s`` seconds
-  of it, grades them with the pipeline's own verifier, and stops training past ``--budget-s``.
+  max new tokens and temperature, fp32. A ``TrainerCallback`` keeps the training clock, a copy of the
+  weights at each mark of the grid below, and stops training past ``--budget-s``.
 
 How accuracy is measured. Neither system evaluates while it trains: at the first step boundary past
 each mark of a grid (every ``--fine-every-s`` training seconds up to ``--fine-until-s``, then every
@@ -195,30 +194,30 @@ def grid_of(args) -> SnapshotGrid:
     return SnapshotGrid(args.eval_every_s, args.fine_every_s, args.fine_until_s)
 
 
-def evaluate_snapshots(cfg, snaps: list[dict], load) -> list[dict]:
-    """The accuracy curve of kept copies: ``load(snap)`` puts one copy's weights into a model it returns, which
-    ``hf_greedy_accuracy`` decodes on the held-out prompts; the curve keeps each copy's clock, step and
-    responses."""
-    from transformers.utils import logging as hf_logging
+class Evaluator:
+    """One held-out evaluation for every model of the bench: the held-out prompts (of ``data``, else loaded),
+    grader and student tokenizer of ``cfg``, loaded once; ``accuracy`` is ``hf_greedy_accuracy`` on them."""
 
-    from actors.pipeline import load_data
-    from actors.verifier import Verifier
+    def __init__(self, cfg, data=None) -> None:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # a bar per loaded copy
-    data, verifier = load_data(cfg), Verifier(cfg.domains)
-    tok = _tokenizer(cfg)
-    curve = []
-    for snap in snaps:
-        acc = hf_greedy_accuracy(load(snap), tok, data.heldout, verifier, cfg.sampler.max_new_tokens)
-        curve.append({"train_s": round(snap["train_s"], 3), "step": snap["step"], "responses": snap["responses"],
-                      "accuracy": acc})
-    return curve
+        from actors.pipeline import load_data
+        from actors.verifier import Verifier
 
+        hf_logging.disable_progress_bar()  # a bar per loaded copy
+        self.heldout, self.verifier = (data or load_data(cfg)).heldout, Verifier(cfg.domains)
+        self.tok = AutoTokenizer.from_pretrained(cfg.student.path)
+        self.max_new = cfg.sampler.max_new_tokens
 
-def _tokenizer(cfg):
-    from transformers import AutoTokenizer
+    def accuracy(self, model) -> float:
+        return hf_greedy_accuracy(model, self.tok, self.heldout, self.verifier, self.max_new)
 
-    return AutoTokenizer.from_pretrained(cfg.student.path)
+    def curve(self, snaps: list[dict], load) -> list[dict]:
+        """The accuracy curve of kept copies: ``load(snap)`` puts one copy's weights into a model it returns;
+        the curve keeps each copy's clock, step and responses."""
+        return [{"train_s": round(snap["train_s"], 3), "step": snap["step"], "responses": snap["responses"],
+                 "accuracy": self.accuracy(load(snap))} for snap in snaps]
 
 
 def hf_model(path: str):
@@ -238,7 +237,7 @@ def run_pipeline(args, overrides: list[str], stamp: str) -> dict[str, dict]:
     from actors.stage import get
     from configs.schema import load_config
 
-    out, teacher_hf = {}, None
+    out, teacher_hf, evaluator = {}, None, None
     for lag in args.lags:
         # eval_teachers: the pipeline's own vLLM measurements of the teacher, the start and the end, off the clock
         # (a cross-check of the evaluator below); the first run measures the teacher, the others read
@@ -260,11 +259,11 @@ def run_pipeline(args, overrides: list[str], stamp: str) -> dict[str, dict]:
 
         s = run(cfg, after_step=keep)
         torch.set_num_threads(2)  # Ray's actors are gone: the evaluator has both cores
-        curve = evaluate_snapshots(cfg, snaps, lambda snap: hf_model(snap["path"]))
+        evaluator = evaluator or Evaluator(cfg)  # the same held-out set and grader for every η
+        curve = evaluator.curve(snaps, lambda snap: hf_model(snap["path"]))
         shutil.rmtree(snap_dir, ignore_errors=True)  # the run keeps its final export under its run_dir
         if teacher_hf is None:
-            teacher_hf = evaluate_snapshots(cfg, [{"train_s": 0.0, "step": 0, "responses": 0}], lambda _: hf_model(
-                cfg.teachers[cfg.teacher_of_domain[DOMAIN]].path))[0]["accuracy"]
+            teacher_hf = evaluator.accuracy(hf_model(cfg.teachers[cfg.teacher_of_domain[DOMAIN]].path))
         out[f"pipeline_lag{lag}"] = {
             "max_lag": lag, "responses_per_s": s["samples_per_s"], "train_s": s["train_seconds"],
             "steps": s["steps"], "optimizer_steps": s["steps"] * cfg.learner.mini_batches,
@@ -319,16 +318,14 @@ def peer_worker(args, overrides: list[str], out_path: Path, stamp: str) -> None:
     from trl import DistillationConfig, DistillationTrainer
 
     from actors.pipeline import load_data
-    from actors.verifier import Verifier
     from configs.schema import load_config
 
     torch.set_num_threads(2)  # the peer uses both cores (Ray's actors are gone by now)
     cfg = load_config(None, overrides)
     data = load_data(cfg)  # the prompts and ids the pipeline trains and evaluates on
     (train,) = data.train
-    heldout = data.heldout
-    verifier = Verifier(cfg.domains)
-    max_new = cfg.sampler.max_new_tokens
+    evaluator = Evaluator(cfg, data)
+    heldout, max_new = data.heldout, cfg.sampler.max_new_tokens
 
     class Counting(DistillationTrainer):
         responses = 0
@@ -356,8 +353,7 @@ def peer_worker(args, overrides: list[str], out_path: Path, stamp: str) -> None:
                 self.kept_s += time.perf_counter() - t
 
         def on_train_begin(self, targs, state, control, model=None, **kw):
-            self.teacher_acc = hf_greedy_accuracy(trainer.teacher_model, trainer.processing_class, heldout,
-                                                  verifier, max_new)
+            self.teacher_acc = evaluator.accuracy(trainer.teacher_model)
             self.keep(model, 0.0, 0)
             self.t0 = time.perf_counter()
 
@@ -404,7 +400,7 @@ def peer_worker(args, overrides: list[str], out_path: Path, stamp: str) -> None:
         model.load_state_dict(snap.pop("state"))
         return model
 
-    curve = evaluate_snapshots(cfg, clock.snaps, load)
+    curve = evaluator.curve(clock.snaps, load)
     print(f"[peer] {len(curve) - 1} copies kept in {clock.kept_s:.2f} s of training time; held-out: "
           + ", ".join(f"{c['accuracy']:.2f}@{c['train_s']:.1f}s" for c in curve[:8]) + " ...", flush=True)
     out_path.write_text(json.dumps({
